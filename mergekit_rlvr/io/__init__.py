@@ -1,0 +1,1 @@
+"""File formats and streaming readers (the only place that touches disk)."""

@@ -1,0 +1,109 @@
+"""Diagonal Fisher files: safetensors with the model's tensor names and shapes.
+
+Values are float32 mantissas with a per-tensor power-of-two scale so that tiny
+squared gradients never underflow to zero: the Fisher value is
+``stored * 2 ** -log2_scale[name]`` (metadata key ``log2_scale``, a JSON object;
+absent means 0, so any plain safetensors file of Fisher values also works).
+A path may be one file or a directory of ``*.safetensors`` shards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+
+from mergekit_rlvr.methods.common import MergeInputError
+
+SCALE_KEY = "log2_scale"
+
+
+def to_storable(value: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """(float32 tensor, log2 scale) representing a float64 tensor of Fisher values."""
+    value = value.to(torch.float64)
+    peak = float(value.abs().max()) if value.numel() else 0.0
+    if peak == 0.0 or not math.isfinite(peak):
+        return value.to(torch.float32), 0
+    # put the largest value near 2**100: far from overflow, 250 binades above underflow
+    scale = 100 - math.frexp(peak)[1]
+    return torch.ldexp(value, torch.tensor(scale, dtype=torch.float64)).to(torch.float32), scale
+
+
+def save_fisher(tensors: Dict[str, torch.Tensor], path: str) -> None:
+    """Write atomically (temporary name, then rename)."""
+    from safetensors.torch import save_file
+
+    stored, scales = {}, {}
+    for name, value in tensors.items():
+        stored[name], scales[name] = to_storable(value)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(stored, tmp, metadata={"format": "mergekit-rlvr-fisher", SCALE_KEY: json.dumps(scales)})
+    os.replace(tmp, path)
+
+
+class FisherStore:
+    """Lazy reader of one Fisher file or a directory of shards."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.path = path
+        if os.path.isdir(path):
+            files = sorted(
+                os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")
+            )
+            if not files:
+                raise MergeInputError(f"fisher directory {path} holds no .safetensors files")
+        elif os.path.isfile(path):
+            files = [path]
+        else:
+            raise MergeInputError(f"fisher file {path} does not exist")
+        self._where: Dict[str, str] = {}
+        self._scales: Dict[str, int] = {}
+        self._handles = {}
+        for file in files:
+            try:
+                handle = safe_open(file, framework="pt")
+            except Exception as error:  # safetensors raises several kinds
+                raise MergeInputError(f"fisher file {file} is not a readable safetensors file: {error}") from None
+            self._handles[file] = handle
+            meta = handle.metadata() or {}
+            scales = json.loads(meta.get(SCALE_KEY, "{}"))
+            for name in handle.keys():
+                self._where[name] = file
+                self._scales[name] = int(scales.get(name, 0))
+
+    def names(self) -> Iterable[str]:
+        return self._where.keys()
+
+    def get(self, name: str, shape: Optional[torch.Size] = None) -> torch.Tensor:
+        """The Fisher values of one tensor as float64, checked against ``shape``."""
+        if name not in self._where:
+            raise MergeInputError(f"fisher file {self.path} has no tensor {name}")
+        stored = self._handles[self._where[name]].get_tensor(name)
+        if shape is not None and tuple(stored.shape) != tuple(shape):
+            raise MergeInputError(
+                f"fisher file {self.path}: tensor {name} has shape {tuple(stored.shape)},"
+                f" the model's is {tuple(shape)}"
+            )
+        value = stored.to(torch.float64)
+        scale = self._scales[name]
+        if scale:
+            value = torch.ldexp(value, torch.tensor(-scale, dtype=torch.float64))
+        if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+            raise MergeInputError(f"fisher file {self.path}: tensor {name} has NaN, Inf or negative values")
+        return value
+
+
+_stores: Dict[str, FisherStore] = {}
+
+
+def fisher_store(path: str) -> FisherStore:
+    """Process-wide cache of open Fisher files."""
+    key = os.path.abspath(path)
+    if key not in _stores:
+        _stores[key] = FisherStore(path)
+    return _stores[key]

@@ -1,0 +1,135 @@
+"""What our three mergekit methods share: one pass of input checks (and any
+whole-model statistics) before the first output tensor, on both entry points.
+
+- ``mergekit-yaml`` (graph mode): the kernel sees one tensor at a time, with
+  ``ModelReference`` ids. The first call streams every tensor of every model from
+  disk, one tensor at a time, checks them and computes what the method needs over
+  the whole model; nothing is written before that pass succeeds.
+- ``merge_state_dicts`` (in memory): all tensor groups arrive in one call; the same
+  pass runs over them.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from mergekit.merge_methods.base import GroupMergeMethod, TensorGroup
+from mergekit.merge_methods.dtype import align_dtype
+
+from mergekit_rlvr.methods.common import MergeInputError, check_finite, check_shapes
+
+Triple = Tuple[str, torch.Tensor, List[torch.Tensor]]
+
+
+def label(model_id: Hashable) -> str:
+    return str(model_id)
+
+
+def check_group(group: TensorGroup, name: Optional[str] = None) -> None:
+    """Shapes match the base and every value is finite."""
+    name = name or group.metadata.name or "<tensor>"
+    base = group.base
+    for entry in group.entries:
+        what = f"model {label(entry.id)}, tensor {name}"
+        if base is not None and entry is not base:
+            check_shapes(base.tensor, entry.tensor, what)
+        check_finite(entry.tensor, what)
+
+
+def _is_graph_mode(group: TensorGroup) -> bool:
+    from mergekit.common import ModelReference
+
+    return bool(group.entries) and all(isinstance(e.id, ModelReference) for e in group.entries)
+
+
+def stream_checkpoints(base_id, model_ids: Sequence, dtype: torch.dtype, desc: str) -> Iterator[Triple]:
+    """(name, base, [models]) for every floating tensor of the base checkpoint, read
+    one tensor at a time through mergekit's loaders, checked as it goes."""
+    from mergekit.io.tasks import LoaderCache
+    from tqdm import tqdm
+
+    cache = LoaderCache()
+    base_loader = cache.get(base_id)
+    loaders = [cache.get(m) for m in model_ids]
+    names = list(base_loader.index.tensor_paths)
+    for name in tqdm(names, desc=desc, leave=False):
+        base = base_loader.get_tensor(name)
+        if not base.is_floating_point():
+            continue
+        models = []
+        for model_id, loader in zip(model_ids, loaders):
+            if name not in loader.index.tensor_paths:
+                raise MergeInputError(f"model {label(model_id)} has no tensor {name} (the base has it)")
+            models.append(loader.get_tensor(name).to(dtype))
+        base = base.to(dtype)
+        group = TensorGroup.from_tensors([base, *models], ids=[base_id, *model_ids], base_index=0, name=name)
+        check_group(group)
+        yield name, base, models
+
+
+def iter_groups(groups: Sequence[TensorGroup], input_dtypes) -> Iterator[Triple]:
+    for group, dtype in zip(groups, input_dtypes):
+        group = align_dtype(group, dtype)
+        check_group(group)
+        if group.base is None:
+            continue
+        yield group.metadata.name or "", group.base.tensor, [e.tensor for e in group.non_base]
+
+
+class PreparedMergeMethod(GroupMergeMethod):
+    """A group method whose ``prepare`` runs once over the whole model first.
+
+    Subclasses define ``spec``, ``prepare(triples, parameters) -> context`` and
+    ``merge(group, context, **parameters) -> Tensor``.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._graph_contexts: Dict[Any, Any] = {}
+
+    # -- subclass interface -------------------------------------------------
+    def prepare(self, triples: Iterator[Triple], parameters: Dict[str, Any]) -> Any:
+        for _ in triples:
+            pass
+        return None
+
+    def context_key(self, parameters: Dict[str, Any]) -> Hashable:
+        return ()
+
+    def merge(self, group: TensorGroup, context: Any, **parameters) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- mergekit interface -------------------------------------------------
+    def merge_group(self, group: TensorGroup, /, **parameters) -> torch.Tensor:
+        context = self._context([group], [parameters], [None])
+        check_group(group)
+        return self.merge(group, context, **parameters)
+
+    def _context(self, groups, parameters, input_dtypes) -> Any:
+        first = groups[0]
+        if _is_graph_mode(first) and len(groups) == 1 and first.base is not None:
+            dtype = input_dtypes[0] or first.entries[0].tensor.dtype
+            ids = [e.id for e in first.non_base]
+            key = (first.base.id, tuple(ids), dtype, self.context_key(parameters[0]))
+            with self._lock:
+                if key not in self._graph_contexts:
+                    triples = stream_checkpoints(first.base.id, ids, dtype, f"{self.spec.name}: checking inputs")
+                    self._graph_contexts[key] = self.prepare(triples, parameters[0])
+                return self._graph_contexts[key]
+        return self.prepare(iter_groups(groups, input_dtypes), parameters[0])
+
+    def _execute(self, groups, parameters, options, *, input_dtypes, out_dtype=None):
+        groups = tuple(groups)
+        if not groups:
+            return ()
+        context = self._context(groups, parameters, input_dtypes)
+        results = []
+        for group, kwargs, dtype in zip(groups, parameters, input_dtypes):
+            group = align_dtype(group, dtype)
+            with torch.autocast(device_type=group.entries[0].tensor.device.type, enabled=False):
+                result = self.merge(group, context, **kwargs)
+            results.append(result.to(dtype=out_dtype) if out_dtype is not None else result)
+            del group, result
+        return tuple(results)

@@ -1,0 +1,75 @@
+"""`merge_method: dots` (paper 000): thin adapter over mergekit_rlvr.methods.dots."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+
+from mergekit_rlvr.kernels.base import PreparedMergeMethod, label
+from mergekit_rlvr.methods.common import combine
+from mergekit_rlvr.methods.dots import (
+    DEFAULT_DENSITY,
+    check_density,
+    check_rescale,
+    dots_stats,
+    dots_vector,
+)
+
+
+class DotsMerge(PreparedMergeMethod):
+    spec = MergeMethodSpec(
+        name="dots",
+        pretty_name="DoTS (sparsified, norm-rescaled task vectors)",
+        reference_url="https://arxiv.org/abs/2605.00610",
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+        parameters=(
+            ParameterSpec("weight", float, ParameterScope.NON_BASE),
+            ParameterSpec("density", float, ParameterScope.NON_BASE, default=DEFAULT_DENSITY),
+            ParameterSpec("rescale", str, ParameterScope.SHARED, default="global"),
+        ),
+    )
+
+    def _densities(self, ids, density) -> list:
+        return [check_density(density[i], f"density of model {label(i)}") for i in ids]
+
+    def context_key(self, parameters: Dict[str, Any]):
+        density = parameters["density"]
+        return (check_rescale(parameters["rescale"]), tuple(float(density[i]) for i in density))
+
+    def prepare(self, triples, parameters):
+        rescale = check_rescale(parameters["rescale"])
+        ids = list(parameters["density"])
+        densities = self._densities(ids, parameters["density"])
+        for i in ids:
+            parameters["weight"][i]  # a missing weight fails before any tensor is read
+        if rescale != "global":
+            for _ in triples:  # still check every input before writing anything
+                pass
+            return None
+        return dots_stats(triples, densities)
+
+    def merge(self, group: TensorGroup, context, *, weight, density, rescale) -> torch.Tensor:
+        base = group.base.tensor
+        name = group.metadata.name or ""
+        vectors, coefficients = [], []
+        for index, entry in enumerate(group.non_base):
+            d = check_density(density[entry.id], f"density of model {label(entry.id)}")
+            gamma = threshold = None
+            if context is not None:
+                gamma = context.gamma(index, rescale)
+                threshold = context.thresholds[index].get(name)
+            vectors.append(dots_vector(base, entry.tensor, d, rescale, gamma=gamma, threshold=threshold))
+            coefficients.append(weight[entry.id])
+        return combine(base, vectors, coefficients, out_dtype=base.dtype)
+
+
+dots_merge = DotsMerge()

@@ -1,0 +1,39 @@
+"""`merge_method: reasoning_interp` (paper 003): theta = (1 - alpha) theta_M + alpha theta_SFT."""
+
+from __future__ import annotations
+
+import torch
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+
+from mergekit_rlvr.kernels.base import PreparedMergeMethod
+from mergekit_rlvr.methods.common import combine
+from mergekit_rlvr.methods.reasoning_interp import DEFAULT_ALPHA, check_alpha, interp_vector
+
+
+class ReasoningInterpMerge(PreparedMergeMethod):
+    spec = MergeMethodSpec(
+        name="reasoning_interp",
+        pretty_name="Reasoning interpolation (reasoning model and its SFT variant)",
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1, max_non_base=1),
+        parameters=(ParameterSpec("alpha", float, ParameterScope.SHARED, default=DEFAULT_ALPHA),),
+    )
+
+    def prepare(self, triples, parameters):
+        check_alpha(parameters["alpha"])
+        return super().prepare(triples, parameters)
+
+    def merge(self, group: TensorGroup, context, *, alpha) -> torch.Tensor:
+        base = group.base.tensor
+        (sft,) = group.non_base
+        vector = interp_vector(base, sft.tensor)
+        return combine(base, [vector], [check_alpha(alpha)], out_dtype=base.dtype)
+
+
+reasoning_interp_merge = ReasoningInterpMerge()

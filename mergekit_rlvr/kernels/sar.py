@@ -1,0 +1,87 @@
+"""`merge_method: sar` (paper 001): thin adapter over mergekit_rlvr.methods.sar."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+
+from mergekit_rlvr.io.fisher import fisher_store
+from mergekit_rlvr.kernels.base import PreparedMergeMethod, label
+from mergekit_rlvr.methods.common import combine
+from mergekit_rlvr.methods.sar import (
+    DEFAULT_DROP_RATE,
+    DEFAULT_EPSILON,
+    check_drop_rate,
+    check_epsilon,
+    sar_vector,
+)
+
+LOG = logging.getLogger(__name__)
+
+
+class SarMerge(PreparedMergeMethod):
+    spec = MergeMethodSpec(
+        name="sar",
+        pretty_name="SAR-Merging (Fisher-arbitrated conflicts, DARE on the low private half)",
+        reference_url="https://arxiv.org/abs/2606.18521",
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+        parameters=(
+            ParameterSpec("fisher", Optional[str], ParameterScope.NON_BASE, default=None),
+            ParameterSpec("drop_rate", float, ParameterScope.SHARED, default=DEFAULT_DROP_RATE),
+            ParameterSpec("scale", float, ParameterScope.SHARED, default=1.0),
+            ParameterSpec("seed", int, ParameterScope.SHARED, default=0),
+            ParameterSpec("epsilon", float, ParameterScope.SHARED, default=DEFAULT_EPSILON),
+        ),
+    )
+
+    def context_key(self, parameters):
+        fisher = parameters["fisher"]
+        return tuple(fisher[i] for i in fisher)
+
+    def prepare(self, triples, parameters):
+        check_drop_rate(parameters["drop_rate"])
+        check_epsilon(parameters["epsilon"])
+        fisher = parameters["fisher"]
+        stores = {i: (fisher_store(fisher[i]) if fisher[i] else None) for i in fisher}
+        if any(s is None for s in stores.values()):
+            missing = ", ".join(label(i) for i, s in stores.items() if s is None)
+            LOG.warning(
+                "sar: no fisher file for %s; conflicts go to the larger |delta| (magnitude criterion)",
+                missing,
+            )
+        for name, base, _models in triples:
+            for store in stores.values():
+                if store is not None:
+                    store.get(name, base.shape)  # names and shapes match the model
+        return stores
+
+    def merge(self, group: TensorGroup, stores, *, fisher, drop_rate, scale, seed, epsilon) -> torch.Tensor:
+        base = group.base.tensor
+        name = group.metadata.name or ""
+        entries = group.non_base
+        fishers = [None] * len(entries)
+        if all(stores.get(e.id) is not None for e in entries):
+            fishers = [stores[e.id].get(name, base.shape).to(base.device) for e in entries]
+        vector = sar_vector(
+            base,
+            [e.tensor for e in entries],
+            fishers,
+            drop_rate=check_drop_rate(drop_rate),
+            epsilon=check_epsilon(epsilon),
+            seed=seed,
+            name=name,
+        )
+        return combine(base, [vector], [scale], out_dtype=base.dtype)
+
+
+sar_merge = SarMerge()

@@ -1,0 +1,81 @@
+"""Shared pieces of the merge math: task vectors, sparse vectors and `combine`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from mergekit_rlvr.errors import MergeInputError
+
+
+@dataclass(frozen=True)
+class SparseVector:
+    """A vector that is zero outside ``mask``; ``values`` are the kept entries in
+    row-major order (``dense()[mask] == values``)."""
+
+    mask: torch.Tensor  # bool, the weight's shape
+    values: torch.Tensor  # float32, 1-D, mask.sum() entries
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.mask.shape
+
+    def dense(self) -> torch.Tensor:
+        out = torch.zeros(self.mask.shape, dtype=self.values.dtype, device=self.values.device)
+        out[self.mask] = self.values
+        return out
+
+    def to(self, device) -> "SparseVector":
+        return SparseVector(self.mask.to(device), self.values.to(device))
+
+
+Vector = Union[torch.Tensor, SparseVector]
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise MergeInputError(f"{what} contains NaN or Inf")
+
+
+def check_shapes(base: torch.Tensor, other: torch.Tensor, what: str) -> None:
+    if base.shape != other.shape:
+        raise MergeInputError(
+            f"{what}: shape {tuple(other.shape)} differs from the base's {tuple(base.shape)}"
+            " (a resized vocabulary?)"
+        )
+
+
+def task_vector(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """tau = theta_model - theta_base, in float32 (float64 stays float64)."""
+    dtype = torch.float64 if torch.float64 in (model.dtype, base.dtype) else torch.float32
+    return model.to(dtype) - base.to(dtype)
+
+
+def combine(
+    base: torch.Tensor,
+    vectors: Sequence[Vector],
+    coefficients: Sequence[float],
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """theta = theta_base + sum_j c_j * v_j, computed in float32 and rounded once.
+
+    Each term is one float32 multiply and one float32 add per entry, in vector
+    order, and a sparse vector only touches its mask. Every path that builds a
+    merged weight (mergekit kernels, vLLM hot-swap in place or through reload)
+    calls this function, on full tensors or on shards: the result is the same
+    bit for bit because every entry sees the same operations.
+    """
+    if len(vectors) != len(coefficients):
+        raise ValueError(f"{len(vectors)} vectors but {len(coefficients)} coefficients")
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    acc = base.to(work, copy=True)
+    for vector, coefficient in zip(vectors, coefficients):
+        c = float(coefficient)
+        if isinstance(vector, SparseVector):
+            if vector.values.numel():
+                acc[vector.mask] += vector.values.to(work) * c
+        else:
+            acc += vector.to(work) * c
+    return acc.to(out_dtype or base.dtype)

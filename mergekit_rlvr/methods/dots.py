@@ -1,0 +1,139 @@
+"""DoTS (paper 000, Sec. 4.1, Eq. 2, 3, 6): top-k magnitude sparsification of each
+task vector, norm-preserving rescale, then theta_base + sum_i lambda_i * tau~_i.
+
+The sparsified vectors are ``SparseVector``s; ``lambda_i`` are the coefficients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from mergekit_rlvr.methods.common import MergeInputError, SparseVector, task_vector
+
+RESCALE_MODES = ("global", "tensor", "none")
+DEFAULT_DENSITY = 0.3
+#: epsilon of Eq. 3, gamma = ||tau|| / (||sparse tau|| + eps)
+GAMMA_EPS = 1e-8
+
+
+def check_density(density: float, what: str = "density") -> float:
+    density = float(density)
+    if not (0.0 < density <= 1.0) or math.isnan(density):
+        raise MergeInputError(f"{what} must be in (0, 1], got {density}")
+    return density
+
+
+def check_rescale(rescale: str) -> str:
+    if rescale not in RESCALE_MODES:
+        raise MergeInputError(f"rescale must be one of {', '.join(RESCALE_MODES)}, got {rescale!r}")
+    return rescale
+
+
+def keep_count(numel: int, density: float) -> int:
+    """Entries kept: int(density * n), as the issue and the authors' code count them."""
+    return int(density * numel)
+
+
+def magnitude_threshold(tau: torch.Tensor, density: float) -> float:
+    """The k-th largest |tau| with k = int(density * n); entries with |tau| >= it are
+    kept (ties at the threshold are kept). inf keeps nothing, -inf keeps all."""
+    n = tau.numel()
+    k = keep_count(n, density)
+    if k <= 0:
+        return math.inf
+    if k >= n:
+        return -math.inf
+    flat = tau.detach().reshape(-1).abs()
+    return float(torch.kthvalue(flat, n - k + 1).values)
+
+
+def sparsify(tau: torch.Tensor, threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mask, kept values) of Eq. 2 for a precomputed threshold."""
+    if threshold == -math.inf:
+        mask = torch.ones(tau.shape, dtype=torch.bool, device=tau.device)
+    else:
+        mask = tau.abs() >= threshold
+    return mask, tau[mask]
+
+
+def squared_norms(tau: torch.Tensor, kept: torch.Tensor) -> Tuple[float, float]:
+    """(||tau||^2, ||sparse tau||^2) accumulated in float64."""
+    return (
+        float(tau.double().square().sum()),
+        float(kept.double().square().sum()),
+    )
+
+
+def gamma_from_norms(full_sq: float, kept_sq: float) -> float:
+    """Eq. 3."""
+    return math.sqrt(full_sq) / (math.sqrt(kept_sq) + GAMMA_EPS)
+
+
+@dataclass
+class DotsStats:
+    """What the streaming pre-pass learns: per model, the thresholds of every
+    tensor and the global norms that give gamma_i (Eq. 3 over the whole model)."""
+
+    thresholds: List[Dict[str, float]]
+    full_sq: List[float]
+    kept_sq: List[float]
+
+    def gamma(self, index: int, rescale: str) -> Optional[float]:
+        """The model's global gamma, or None when gamma is per tensor or 1."""
+        if rescale != "global":
+            return None
+        return gamma_from_norms(self.full_sq[index], self.kept_sq[index])
+
+
+def dots_stats(
+    tensors: Iterable[Tuple[str, torch.Tensor, Sequence[torch.Tensor]]],
+    densities: Sequence[float],
+) -> DotsStats:
+    """Streaming pre-pass over (name, base, [model_i]) triples, one tensor at a time,
+    so memory is bounded by the largest tensor, not the model."""
+    count = len(densities)
+    stats = DotsStats([{} for _ in range(count)], [0.0] * count, [0.0] * count)
+    for name, base, models in tensors:
+        for i, (model, density) in enumerate(zip(models, densities)):
+            tau = task_vector(model, base)
+            threshold = magnitude_threshold(tau, density)
+            _, kept = sparsify(tau, threshold)
+            full, part = squared_norms(tau, kept)
+            stats.thresholds[i][name] = threshold
+            stats.full_sq[i] += full
+            stats.kept_sq[i] += part
+            del tau, kept
+    return stats
+
+
+def dots_vector(
+    base: torch.Tensor,
+    model: torch.Tensor,
+    density: float,
+    rescale: str,
+    gamma: Optional[float] = None,
+    threshold: Optional[float] = None,
+) -> SparseVector:
+    """tau~ = gamma * (tau masked to its top int(density*n) magnitudes).
+
+    ``gamma`` is the model's global factor when ``rescale == "global"`` (from
+    :class:`DotsStats`); ``threshold`` may come from the pre-pass to avoid
+    selecting twice (it is the same value either way).
+    """
+    tau = task_vector(model, base)
+    if threshold is None:
+        threshold = magnitude_threshold(tau, density)
+    mask, kept = sparsify(tau, threshold)
+    if rescale == "tensor":
+        gamma = gamma_from_norms(*squared_norms(tau, kept))
+    elif rescale == "none":
+        gamma = None
+    elif gamma is None:
+        raise ValueError("rescale='global' needs the model's gamma from dots_stats")
+    if gamma is not None:
+        kept = kept * gamma
+    return SparseVector(mask, kept)
