@@ -21,7 +21,7 @@ class ReasoningInterpMerge(PreparedMergeMethod):
     spec = MergeMethodSpec(
         name="reasoning_interp",
         pretty_name="Reasoning interpolation (reasoning model and its SFT variant)",
-        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1, max_non_base=1),
+        contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2, min_non_base=1, max_non_base=1),
         parameters=(ParameterSpec("alpha", float, ParameterScope.SHARED, default=DEFAULT_ALPHA),),
     )
 
