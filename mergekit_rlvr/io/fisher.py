@@ -21,6 +21,17 @@ from mergekit_rlvr.methods.common import MergeInputError
 SCALE_KEY = "log2_scale"
 
 
+def _times_power_of_two(value: torch.Tensor, exponent: int) -> torch.Tensor:
+    """value * 2**exponent, exact, in steps: ``torch.ldexp`` forms 2**exponent
+    first, which overflows float64 beyond 2**1023 (a scale of 1096 for Fisher values
+    near 1e-300 made them Inf on write and 0 on read)."""
+    while exponent:
+        step = max(-512, min(512, exponent))
+        value = value * (2.0**step)
+        exponent -= step
+    return value
+
+
 def to_storable(value: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """(float32 tensor, log2 scale) representing a float64 tensor of Fisher values."""
     value = value.to(torch.float64)
@@ -29,19 +40,30 @@ def to_storable(value: torch.Tensor) -> Tuple[torch.Tensor, int]:
         return value.to(torch.float32), 0
     # put the largest value near 2**100: far from overflow, 250 binades above underflow
     scale = 100 - math.frexp(peak)[1]
-    return torch.ldexp(value, torch.tensor(scale, dtype=torch.float64)).to(torch.float32), scale
+    return _times_power_of_two(value, scale).to(torch.float32), scale
 
 
-def save_fisher(tensors: Dict[str, torch.Tensor], path: str) -> None:
-    """Write atomically (temporary name, then rename)."""
+def save_fisher(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write atomically (temporary name, then rename); ``metadata`` (strings) is kept
+    in the header beside the scales."""
     from safetensors.torch import save_file
 
     stored, scales = {}, {}
     for name, value in tensors.items():
         stored[name], scales[name] = to_storable(value)
+    header = {str(k): str(v) for k, v in (metadata or {}).items()}
+    header.update({"format": "mergekit-rlvr-fisher", SCALE_KEY: json.dumps(scales)})
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(stored, tmp, metadata={"format": "mergekit-rlvr-fisher", SCALE_KEY: json.dumps(scales)})
-    os.replace(tmp, path)
+    try:
+        save_file(stored, tmp, metadata=header)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file, not the 0600 of a temporary one
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class FisherStore:
@@ -92,7 +114,7 @@ class FisherStore:
         value = stored.to(torch.float64)
         scale = self._scales[name]
         if scale:
-            value = torch.ldexp(value, torch.tensor(-scale, dtype=torch.float64))
+            value = _times_power_of_two(value, -scale)
         if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
             raise MergeInputError(f"fisher file {self.path}: tensor {name} has NaN, Inf or negative values")
         return value
