@@ -1,0 +1,312 @@
+"""Streaming reader and the three-pass driver of ``mergekit-rlvr analyze``.
+
+Models are resolved the way mergekit resolves them (``ModelReference``: a local
+directory or a Hugging Face id, sharded or not) and read as row slices of their
+safetensors files, so memory holds a few chunks, never a whole tensor or model.
+
+Pass 1 computes everything that needs no global threshold and the coarse |Delta|
+histograms; pass 2 the fine histograms that pin the global top-k thresholds
+exactly; pass 3 the counts that depend on them (see ``stats``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from mergekit_rlvr.analysis import stats as S
+from mergekit_rlvr.errors import UserError
+
+#: entries per chunk (float32 intermediates of a few times 16 MB)
+CHUNK_ENTRIES = 1 << 22
+
+
+class Source:
+    """One checkpoint: tensor name -> (safetensors file, shape, dtype), read in slices."""
+
+    def __init__(self, arg: str):
+        self.arg = arg
+        path = resolve(arg)
+        try:
+            from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
+
+            index = ShardedTensorIndex.from_disk(path)
+        except (RuntimeError, OSError, ValueError, KeyError) as error:
+            raise UserError(f"model {arg}: no readable checkpoint at {path} ({error})") from None
+        if not index.is_safetensors:
+            raise UserError(f"model {arg}: only safetensors checkpoints can be streamed (found pytorch .bin files)")
+        from safetensors import safe_open
+
+        self._handles = {}
+        self.where: Dict[str, str] = {}
+        for name, shard in index.tensor_paths.items():
+            file = os.path.join(index.base_path, shard)
+            if file not in self._handles:
+                try:
+                    self._handles[file] = safe_open(file, framework="pt")
+                except Exception as error:  # safetensors raises several kinds
+                    raise UserError(f"model {arg}: {file} is not a readable safetensors file: {error}") from None
+            self.where[name] = file
+        self.order = {file: i for i, file in enumerate(sorted(self._handles))}
+
+    def names(self) -> List[str]:
+        """Tensor names in file order (one shard after the other)."""
+        return sorted(self.where, key=lambda n: (self.order[self.where[n]], n))
+
+    def _slice(self, name: str):
+        try:
+            return self._handles[self.where[name]].get_slice(name)
+        except Exception as error:
+            raise UserError(f"model {self.arg}: tensor {name} is listed but unreadable in {self.where[name]}: {error}") from None
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return str(self._slice(name).get_dtype())
+
+    def read(self, name: str, start: int, stop: int, scalar: bool) -> torch.Tensor:
+        if scalar:
+            return self._handles[self.where[name]].get_tensor(name)
+        return self._slice(name)[start:stop]
+
+
+def resolve(arg: str) -> str:
+    """Local path of a model argument, downloading a Hugging Face id like mergekit."""
+    if os.path.exists(arg):
+        return arg  # local: skip importing mergekit.common (peft, transformers: seconds)
+    from mergekit.common import ModelReference
+
+    try:
+        reference = ModelReference.parse(arg)
+    except Exception as error:
+        raise UserError(f"model {arg}: not a model path or Hugging Face id ({error})") from None
+    if reference.lora is not None:
+        raise UserError(f"model {arg}: LoRA adapters are not supported by analyze (merge it first)")
+    if os.path.exists(reference.model.path):
+        return reference.model.path
+    try:
+        return reference.local_path()
+    except Exception as error:  # huggingface_hub raises many kinds
+        raise UserError(f"model {arg}: not a local directory and not downloadable ({type(error).__name__}: {error})") from None
+
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+@dataclass
+class Plan:
+    names: List[str]
+    shapes: Dict[str, Tuple[int, ...]]
+    skipped: List[Dict[str, str]]
+
+
+def plan(base: Source, models: Sequence[Source]) -> Plan:
+    """Tensors present in the base and every model with equal shapes; the rest skipped."""
+    names, shapes, skipped = [], {}, []
+    model_names = [set(m.where) for m in models]
+    for name in base.names():
+        shape = base.shape(name)
+        reasons = []
+        if base.dtype(name) not in FLOAT_DTYPES:
+            skipped.append({"tensor": name, "model": base.arg, "reason": f"not floating point ({base.dtype(name)})"})
+            continue
+        for model, present in zip(models, model_names):
+            if name not in present:
+                reasons.append({"tensor": name, "model": model.arg, "reason": "missing in the model"})
+            elif model.shape(name) != shape:
+                reasons.append({"tensor": name, "model": model.arg,
+                                "reason": f"shape {list(model.shape(name))} differs from the base's {list(shape)}"})
+            elif model.dtype(name) not in FLOAT_DTYPES:
+                reasons.append({"tensor": name, "model": model.arg, "reason": f"not floating point ({model.dtype(name)})"})
+        if reasons:
+            skipped.extend(reasons)
+            continue
+        names.append(name)
+        shapes[name] = shape
+    base_names = set(base.where)
+    for model in models:
+        for name in sorted(set(model.where) - base_names):
+            skipped.append({"tensor": name, "model": model.arg, "reason": "missing in the base"})
+    return Plan(names, shapes, skipped)
+
+
+def chunks(plan_: Plan, base: Source, models: Sequence[Source], chunk_entries: int = CHUNK_ENTRIES
+           ) -> Iterator[Tuple[str, torch.Tensor, List[torch.Tensor]]]:
+    """(name, base chunk, [model chunks]) row slices of at most ``chunk_entries`` entries
+    (at least one row)."""
+    for name in plan_.names:
+        shape = plan_.shapes[name]
+        if not shape:
+            yield name, base.read(name, 0, 1, True), [m.read(name, 0, 1, True) for m in models]
+            continue
+        row = math.prod(shape[1:])
+        step = max(1, chunk_entries // max(row, 1))
+        for start in range(0, shape[0], step):
+            stop = min(shape[0], start + step)
+            yield name, base.read(name, start, stop, False), [m.read(name, start, stop, False) for m in models]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="param", unit_scale=True, disable=not enabled, leave=False)
+
+
+def _check_finite(name: str, tensors: Sequence[torch.Tensor], args: Sequence[str]) -> None:
+    for tensor, arg in zip(tensors, args):
+        if not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"model {arg}: tensor {name} contains NaN or Inf")
+
+
+def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta: float = 1e-3,
+            top: float = 0.1, progress: bool = True, chunk_entries: int = CHUNK_ENTRIES) -> dict:
+    """Run the three passes and return the report dictionary (see ``report``)."""
+    if not model_args:
+        raise UserError("analyze needs at least one MODEL besides --base")
+    duplicates = sorted({a for a in model_args if list(model_args).count(a) > 1})
+    if duplicates:
+        raise UserError(f"MODEL {duplicates[0]} is given twice")
+    for label, value, low, high in (("--epsilon", epsilon, 0.0, math.inf), ("--eta", eta, 0.0, math.inf)):
+        if not (low <= value < high):
+            raise UserError(f"{label} must be a finite number >= 0, got {value}")
+    if not (0.0 < top <= 1.0):
+        raise UserError(f"--top must be in (0, 1], got {top}")
+    base = Source(base_arg)
+    models = [Source(a) for a in model_args]
+    todo = plan(base, models)
+    if not todo.names:
+        raise UserError(f"no tensor of {base_arg} is present with the same shape in every MODEL")
+    total = sum(math.prod(todo.shapes[n]) for n in todo.names)
+    args = list(model_args)
+    count = len(models)
+    pairs = list(itertools.combinations(range(count), 2))
+
+    def deltas(name, b, ms, check):
+        if check:
+            _check_finite(name, [b, *ms], [base_arg, *args])
+        return [S.delta_chunk(m, b, epsilon, eta) for m in ms]
+
+    # pass 1
+    vectors = [S.VectorStats() for _ in range(count)]
+    pair_stats = {p: S.PairStats() for p in pairs}
+    with _progress(total, "analyze 1/3", progress) as bar:
+        for name, b, ms in chunks(todo, base, models, chunk_entries):
+            ds = deltas(name, b, ms, True)
+            for v, d in zip(vectors, ds):
+                v.add(name, d)
+            for (i, j), st in pair_stats.items():
+                st.add(name, ds[i], ds[j])
+            bar.update(b.numel())
+
+    # pass 2: exact global thresholds for every density and --top
+    densities = sorted(set(S.DENSITIES) | {float(top)})
+    boundaries = [{d: S.locate(v.coarse, v.parameters, d) for d in densities} for v in vectors]
+    fines = [S.FineHistograms([bd.coarse_bin for bd in bs.values() if bd.coarse_bin is not None])
+             for bs in boundaries]
+    if any(f.bins for f in fines):
+        with _progress(total, "analyze 2/3", progress) as bar:
+            for name, b, ms in chunks(todo, base, models, chunk_entries):
+                for f, d in zip(fines, deltas(name, b, ms, False)):
+                    f.add(d)
+                bar.update(b.numel())
+    thresholds = []
+    for bs, f in zip(boundaries, fines):
+        by_density = {d: S.refine(bd, f.of(bd.coarse_bin) if bd.coarse_bin is not None else None)
+                      for d, bd in bs.items()}
+        thresholds.append(S.Thresholds(by_density))
+    del fines
+
+    # pass 3: counts under the global thresholds
+    tops = [S.TopModuleStats(t.index[float(top)]) for t in thresholds]
+    conflicts = {(i, j): S.DensityConflictStats(len(thresholds[i].values), len(thresholds[j].values))
+                 for i, j in pairs}
+    with _progress(total, "analyze 3/3", progress) as bar:
+        for name, b, ms in chunks(todo, base, models, chunk_entries):
+            ds = deltas(name, b, ms, False)
+            passed = [t.passed(d.magnitude) for t, d in zip(thresholds, ds)]
+            for st, p in zip(tops, passed):
+                st.add(name, p)
+            for (i, j), st in conflicts.items():
+                st.add(ds[i], ds[j], passed[i], passed[j])
+            bar.update(b.numel())
+
+    return assemble(base_arg, args, todo, vectors, pair_stats, thresholds, tops, conflicts,
+                    dict(epsilon=epsilon, eta=eta, top=float(top), densities=list(S.DENSITIES)))
+
+
+def _ratio(num: float, den: float) -> Optional[float]:
+    return num / den if den else None
+
+
+def assemble(base_arg, args, todo, vectors, pair_stats, thresholds, tops, conflicts, settings) -> dict:
+    """The report dictionary: keys of the issue plus extras."""
+    top = settings["top"]
+    out_vectors = {}
+    for arg, v, t, tp in zip(args, vectors, thresholds, tops):
+        kinds = [k for k in (*S.MODULE_KINDS, "other") if v.kind_parameters.get(k)]
+        out_vectors[arg] = {
+            "l2_norm": math.sqrt(v.sumsq),
+            "sparsity": 1.0 - v.updated / v.parameters,
+            "layer_l2_norms": {str(i): math.sqrt(s) for i, s in sorted(v.layer_sumsq.items())},
+            "module_top_share": {k: tp.kind_kept.get(k, 0) / v.kind_parameters[k] for k in kinds},
+            # extras
+            "parameters": v.parameters,
+            "updated": v.updated,
+            "changed_share": v.changed / v.parameters,
+            "module_parameters": {k: v.kind_parameters[k] for k in kinds},
+            "module_l2_norms": {k: math.sqrt(v.kind_sumsq[k]) for k in kinds},
+            "module_top_composition": {k: _ratio(tp.kind_kept.get(k, 0), tp.kept) for k in kinds},
+            "top_threshold": t.by_density[top],
+            "density_thresholds": {str(d): t.by_density[d] for d in settings["densities"]},
+        }
+    out_pairs = []
+    for (i, j), st in pair_stats.items():
+        a, b = vectors[i], vectors[j]
+        n = st.parameters
+        na, nb = math.sqrt(a.sumsq), math.sqrt(b.sumsq)
+        pa, pb = a.changed / n, b.changed / n
+        random = pa * pb / (pa + pb - pa * pb) if (pa + pb - pa * pb) > 0 else None
+        layers = sorted(set(a.layer_sumsq) & set(b.layer_sumsq))
+        by_density, kept_counts = {}, {}
+        for d in settings["densities"]:
+            kept, conflict = conflicts[(i, j)].rate(thresholds[i].index[d], thresholds[j].index[d])
+            by_density[str(d)] = _ratio(conflict, kept)
+            kept_counts[str(d)] = kept
+        out_pairs.append({
+            "a": args[i],
+            "b": args[j],
+            "norm_ratio": _ratio(na, nb),
+            "cosine": _ratio(st.dot, na * nb),
+            "layer_cosine": {str(L): _ratio(st.layer_dot.get(L, 0.0),
+                                            math.sqrt(a.layer_sumsq[L]) * math.sqrt(b.layer_sumsq[L]))
+                             for L in layers},
+            "sign_conflict": _ratio(st.conflict, st.overlap),
+            "regions": {
+                "overlap": st.overlap / n,
+                "conflict": st.conflict / n,
+                "private": st.private / n,
+                "unchanged": (n - st.overlap - st.private) / n,
+            },
+            "jaccard": _ratio(st.changed_both, st.changed_either),
+            "jaccard_random": random,
+            "conflict_norm": math.sqrt(st.conflict_sumsq),
+            "sign_conflict_by_density": by_density,
+            # extras
+            "co_updated_by_density": kept_counts,
+        })
+    return {
+        "base": base_arg,
+        "models": list(args),
+        "settings": settings,
+        "parameters": todo and sum(math.prod(todo.shapes[n]) for n in todo.names),
+        "tensors": len(todo.names),
+        "vectors": out_vectors,
+        "pairs": out_pairs,
+        "skipped": todo.skipped,
+    }
