@@ -420,19 +420,22 @@ def compute_fisher(
             continue  # integer tensors: no Fisher
         name = mapping[key]
         values[key] = (result.values[name] if name else torch.zeros(tensors[key][0], dtype=torch.float64)).cpu()
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    save_fisher(values, out, metadata={
-        "model": model, "data": os.path.abspath(data), "examples": result.examples, "dtype": dtype,
-        "chat_template": chat_template, "add_eos": add_eos, "equation": "paper 001 Eq. 13",
-    })
+    examples, mean_log_prob = result.examples, result.mean_log_prob
+    del result  # from here on `values` holds the only references: save_fisher frees them one by one
     peak = max((float(v.max()) for v in values.values() if v.numel()), default=0.0)
     positive = [float(v[v > 0].min()) for v in values.values() if bool((v > 0).any())]
+    count = len(values)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    save_fisher(values, out, consume=True, metadata={
+        "model": model, "data": os.path.abspath(data), "examples": examples, "dtype": dtype,
+        "chat_template": chat_template, "add_eos": add_eos, "equation": "paper 001 Eq. 13",
+    })
     return {
         "out": out,
-        "examples": result.examples,
-        "tensors": len(values),
-        "mean_log_prob": result.mean_log_prob,
+        "examples": examples,
+        "tensors": count,
+        "mean_log_prob": mean_log_prob,
         "max": peak,
         "min_positive": min(positive) if positive else 0.0,
         "zero_tensors": buffers,

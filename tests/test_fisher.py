@@ -190,6 +190,8 @@ def test_encode_splits_prompt_and_answer_exactly(tiny_family):
     ids, n_prompt = encode(tokenizer, Row(1, "ab", "cd"), add_eos=True)
     assert n_prompt == 2
     assert ids.tolist() == tokenizer("abcd")["input_ids"] + [tokenizer.eos_token_id]
+    chat_ids, chat_prompt = encode(tokenizer, Row(1, "ab", "cd"), chat_template=True)  # template: the content
+    assert (chat_ids.tolist(), chat_prompt) == (tokenizer("abcd")["input_ids"], 2)
     with pytest.raises(UserError, match="line 7: the answer has no tokens"):
         encode(tokenizer, Row(7, "ab", ""))
     with pytest.raises(UserError, match="line 8: the prompt has no tokens"):

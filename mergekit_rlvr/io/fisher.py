@@ -43,14 +43,23 @@ def to_storable(value: torch.Tensor) -> Tuple[torch.Tensor, int]:
     return _times_power_of_two(value, scale).to(torch.float32), scale
 
 
-def save_fisher(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
+def save_fisher(
+    tensors: Dict[str, torch.Tensor],
+    path: str,
+    metadata: Optional[Dict[str, str]] = None,
+    consume: bool = False,
+) -> None:
     """Write atomically (temporary name, then rename); ``metadata`` (strings) is kept
-    in the header beside the scales."""
+    in the header beside the scales. ``consume`` empties ``tensors`` as it converts
+    them, so a caller holding no other reference never has the float64 values and
+    their float32 copies in memory at once."""
     from safetensors.torch import save_file
 
     stored, scales = {}, {}
-    for name, value in tensors.items():
+    for name in list(tensors):
+        value = tensors.pop(name) if consume else tensors[name]
         stored[name], scales[name] = to_storable(value)
+        del value
     header = {str(k): str(v) for k, v in (metadata or {}).items()}
     header.update({"format": "mergekit-rlvr-fisher", SCALE_KEY: json.dumps(scales)})
     tmp = f"{path}.tmp-{os.getpid()}"
