@@ -294,7 +294,9 @@ def test_cli_writes_report_and_plots(tiny_family, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".analyze-")]
 
 
-def test_bad_input_is_one_line_and_writes_nothing(hand, tmp_path):
+def test_bad_input_is_one_line_and_writes_nothing(hand, tmp_path, capsys):
+    from mergekit_rlvr.cli import main
+
     _, p = hand
     out = tmp_path / "out"
     proc = run_cli("--base", p["base"], p["a"], str(tmp_path / "nope"), "--out", str(out))
@@ -305,9 +307,10 @@ def test_bad_input_is_one_line_and_writes_nothing(hand, tmp_path):
     bad = {n: torch.ones(s) for n, s in SHAPES.items()}
     bad[UP] = torch.tensor([[1.0, float("nan"), 1.0, 1.0]])
     broken = write_model(tmp_path / "broken", bad)
-    proc = run_cli("--base", p["base"], broken, "--out", str(out))
-    assert proc.returncode == 1 and UP in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert not out.exists()
-
-    proc = run_cli("--base", p["base"], p["a"], "--top", "0", "--out", str(out))
-    assert proc.returncode == 1 and "--top" in proc.stderr
+    for args, needle in (([broken], UP), ([p["a"], "--top", "0"], "--top"), ([p["a"], p["a"]], "twice"),
+                         ([p["a"], "--epsilon", "-1"], "--epsilon")):
+        with pytest.raises(SystemExit) as done:
+            main(["analyze", "--base", p["base"], *args, "--out", str(out), "--no-progress"])
+        err = capsys.readouterr().err
+        assert done.value.code == 1 and needle in err and err.strip().count("\n") == 0, err
+        assert not out.exists()

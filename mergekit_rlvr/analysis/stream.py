@@ -80,6 +80,8 @@ def resolve(arg: str) -> str:
     """Local path of a model argument, downloading a Hugging Face id like mergekit."""
     if os.path.exists(arg):
         return arg  # local: skip importing mergekit.common (peft, transformers: seconds)
+    if os.path.isabs(arg) or arg.startswith(".") or arg.split("@")[0].count("/") > 1:
+        raise UserError(f"model {arg}: no such directory (and not a Hugging Face id like owner/name)")
     from mergekit.common import ModelReference
 
     try:
