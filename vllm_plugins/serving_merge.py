@@ -1,0 +1,235 @@
+"""The live merge behind ``/v1/merge``: what is loaded, and how a swap happens.
+
+A swap, serialized by a lock:
+  1. validate the request (names, finite numbers) - a 400 changes nothing;
+  2. close the admission gate (``serving_gate``): new requests wait at the door,
+     admitted ones finish (``drain``) or are aborted (``"drain": false``);
+  3. pause the engine's scheduler (``pause_generation``; ``wait`` or ``abort`` mode,
+     which also clears the KV/prefix caches), so nothing else runs on the weights;
+  4. ``hotswap_set`` on every worker through ``collective_rpc``; reset the prefix
+     cache; tag the engine's outputs with the new version (``update_weight_version``,
+     reported per token by ``/inference/v1/generate``);
+  5. resume the engine, reopen the gate under the new version.
+A worker that rejects the coefficients leaves its weights as they were (worker
+contract), so the version is not bumped and the error is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+
+from .serving_gate import AdmissionGate
+
+logger = logging.getLogger("vllm.mergekit_rlvr.serving")
+
+#: Default seconds a draining swap waits for in-flight requests.
+DRAIN_TIMEOUT = 600.0
+#: Seconds an aborting swap waits for aborted requests to unwind.
+ABORT_TIMEOUT = 30.0
+
+
+class MergeRequestError(Exception):
+    """A request to the merge route that cannot be honoured: HTTP status + message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def first_result(results):
+    """collective_rpc returns one result per worker; they must agree on the merge."""
+    if isinstance(results, list):
+        if not results:
+            raise RuntimeError("collective_rpc returned no worker result")
+        return results[0]
+    return results
+
+
+def parse_state(state: dict) -> tuple[str, list[str], list[float]]:
+    """(method, names, values) from a worker's hotswap_load/hotswap_state answer."""
+    method = state.get("method")
+    coefficients = state.get("coefficients")
+    if isinstance(coefficients, dict):
+        names = list(coefficients)
+        values = [float(coefficients[name]) for name in names]
+    else:
+        names = list(state.get("names") or [])
+        values = [float(v) for v in (coefficients or [])]
+        if len(names) != len(values):
+            raise RuntimeError(f"worker reported {len(names)} names but {len(values)} coefficients")
+    return method, names, values
+
+
+def parse_swap_request(body, names: list[str], current: list[float]) -> tuple[list[float], bool, float | None]:
+    """Validate a POST body; return (all values in recipe order, drain, timeout).
+
+    ``coefficients`` is either ``{name: value}`` (names not given keep their current
+    value) or a list of all values in recipe order.
+    """
+    if not isinstance(body, dict):
+        raise MergeRequestError(400, 'body must be a JSON object like {"coefficients": {...}}')
+    unknown = sorted(set(body) - {"coefficients", "drain", "timeout"})
+    if unknown:
+        raise MergeRequestError(400, f"unknown field(s) {unknown}; expected coefficients, drain, timeout")
+    if "coefficients" not in body:
+        raise MergeRequestError(400, 'missing field "coefficients"')
+    drain = body.get("drain", True)
+    if not isinstance(drain, bool):
+        raise MergeRequestError(400, f'"drain" must be true or false, got {drain!r}')
+    timeout = body.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+    ):
+        raise MergeRequestError(400, f'"timeout" must be a positive number of seconds, got {timeout!r}')
+
+    given = body["coefficients"]
+    values = list(current)
+    if isinstance(given, dict):
+        if not given:
+            raise MergeRequestError(400, '"coefficients" is empty')
+        for name, value in given.items():
+            if name not in names:
+                raise MergeRequestError(400, f"unknown coefficient {name!r}; this merge has {names}")
+            values[names.index(name)] = _number(name, value)
+    elif isinstance(given, list):
+        if len(given) != len(names):
+            raise MergeRequestError(
+                400, f'"coefficients" list has {len(given)} values; this merge has {len(names)}: {names}'
+            )
+        values = [_number(name, value) for name, value in zip(names, given)]
+    else:
+        raise MergeRequestError(400, '"coefficients" must be an object {name: value} or a list of numbers')
+    return values, drain, (float(timeout) if timeout is not None else None)
+
+
+def check_method_values(method: str | None, names: list[str], values: list[float]) -> None:
+    """Method-specific ranges (the same checks as the merge math)."""
+    if method == "reasoning_interp":
+        from mergekit_rlvr.methods.reasoning_interp import check_alpha
+
+        try:
+            check_alpha(values[names.index("alpha")])
+        except ValueError as error:
+            raise MergeRequestError(400, f"coefficient 'alpha': {error}") from None
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MergeRequestError(400, f"coefficient {name!r} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise MergeRequestError(400, f"coefficient {name!r} must be finite, got {value!r}")
+    return value
+
+
+def _worker_error(error: BaseException) -> str:
+    """The last line of a worker's error (collective_rpc wraps the remote traceback)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+class MergeController:
+    """Holds the served merge's state in the API server process and performs swaps."""
+
+    def __init__(self, engine_client, gate: AdmissionGate):
+        self.engine = engine_client
+        self.gate = gate
+        self.method: str | None = None
+        self.names: list[str] = []
+        self.values: list[float] = []
+        self.version = gate.version
+        self.recipe: str | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self.method is not None
+
+    def describe(self) -> dict:
+        return {
+            "method": self.method,
+            "coefficients": dict(zip(self.names, self.values)),
+            "version": self.version,
+        }
+
+    async def load(self, spec: dict, recipe: str | None = None) -> dict:
+        """Load a recipe into every worker (applies its coefficients) as version 0."""
+        started = time.perf_counter()
+        state = first_result(await self.engine.collective_rpc("hotswap_load", args=(spec,)))
+        self.method, self.names, self.values = parse_state(state)
+        self.recipe = recipe
+        await self.engine.reset_prefix_cache()
+        await self.engine.update_weight_version(str(self.version))
+        logger.info(
+            "mergekit_rlvr: serving %s merge %s (version %d) loaded in %.2f s",
+            self.method, self.describe()["coefficients"], self.version, time.perf_counter() - started,
+        )
+        return state
+
+    async def attach(self) -> bool:
+        """Adopt a merge already loaded in the workers (no recipe given to the server)."""
+        try:
+            state = first_result(await self.engine.collective_rpc("hotswap_state"))
+        except Exception as error:  # no worker extension, or nothing loaded yet
+            logger.warning("mergekit_rlvr: no hot-swap state in the workers (%s)", _worker_error(error))
+            return False
+        if not state or not state.get("coefficients"):
+            return False
+        self.method, self.names, self.values = parse_state(state)
+        await self.engine.update_weight_version(str(self.version))
+        return True
+
+    async def swap(self, body) -> dict:
+        if not self.loaded:
+            raise MergeRequestError(
+                409, "no merge recipe is loaded; start the server with `mergekit-rlvr serve recipe.yml`"
+            )
+        async with self._lock:
+            values, drain, timeout = parse_swap_request(body, self.names, self.values)
+            check_method_values(self.method, self.names, values)
+            if timeout is None:
+                timeout = DRAIN_TIMEOUT if drain else ABORT_TIMEOUT
+            new_version = self.version + 1
+            reason = f"merge coefficients swapped to version {new_version} with drain=false"
+            started = time.perf_counter()
+            try:
+                async with self.gate.closed(drain=drain, timeout=timeout, reason=reason):
+                    waited = time.perf_counter() - started
+                    await self.engine.pause_generation(mode="wait" if drain else "abort", clear_cache=True)
+                    try:
+                        try:
+                            await self.engine.collective_rpc("hotswap_set", args=(values,))
+                        except Exception as error:
+                            # The workers validate before touching weights; make sure they agree.
+                            await self._resync()
+                            status = 400 if "ValueError" in str(error) or isinstance(error, ValueError) else 500
+                            raise MergeRequestError(status, f"swap rejected: {_worker_error(error)}") from error
+                        await self.engine.reset_prefix_cache()
+                        await self.engine.update_weight_version(str(new_version))
+                        self.values = values
+                        self.version = new_version
+                        self.gate.version = new_version
+                    finally:
+                        await self.engine.resume_generation()
+            except TimeoutError as error:
+                raise MergeRequestError(503, f"swap not done, weights unchanged: {error}") from None
+            total = time.perf_counter() - started
+            logger.info(
+                "mergekit_rlvr: merge version %d %s (drain=%s, waited %.3f s for requests, swap %.3f s)",
+                self.version, self.describe()["coefficients"], drain, waited, total - waited,
+            )
+            return {**self.describe(), "drained": drain, "seconds": round(total, 6)}
+
+    async def _resync(self) -> None:
+        try:
+            state = first_result(await self.engine.collective_rpc("hotswap_state"))
+            _, _, values = parse_state(state)
+            if values != self.values:
+                logger.error("mergekit_rlvr: workers report %s after a rejected swap, expected %s",
+                             values, self.values)
+        except Exception:
+            logger.exception("mergekit_rlvr: could not read the workers' state after a rejected swap")
