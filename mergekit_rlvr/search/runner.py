@@ -1,0 +1,268 @@
+"""`search` and `select-queries` end to end: recipe + queries in, report out.
+
+Both take an ``open_engine`` callable (recipe, engine kwargs) -> engine, so that the
+commands use HotSwapLLM and callers may pass anything that follows
+``mergekit_rlvr.search.engine.Engine``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from mergekit_rlvr.errors import UserError
+from mergekit_rlvr.search import report as rpt
+from mergekit_rlvr.search.engine import close_engine
+from mergekit_rlvr.search.engine import open_engine as open_hotswap
+from mergekit_rlvr.search.queries import difficulty, load_queries, select_by_difficulty
+from mergekit_rlvr.search.selection import largest_alpha, select_dots
+from mergekit_rlvr.search.settings import SearchSettings, load_settings
+
+
+def recipe_coefficients(recipe: Mapping[str, Any]) -> Dict[str, float]:
+    """The recipe's own coefficient values by name (engine order), from the recipe alone."""
+    from mergekit_rlvr.decompose import _model_string, coefficient_names_of
+
+    names = coefficient_names_of(recipe)
+    method = recipe.get("merge_method")
+    params = recipe.get("parameters") or {}
+    if method in ("sar", "reasoning_interp"):
+        default = 1.0 if method == "sar" else 0.5
+        return {names[0]: float(params.get(names[0], default))}
+    weights = {}
+    for entry in recipe.get("models") or []:
+        weight = (entry.get("parameters") or {}).get("weight", params.get("weight", 1.0))
+        weights[_model_string(entry.get("model"))] = weight
+    return {name: float(weights.get(name, 1.0)) if isinstance(weights.get(name, 1.0), (int, float)) else 1.0
+            for name in names}
+
+
+def _searched(settings: SearchSettings, all_names: List[str]) -> List[str]:
+    if settings.coefficients:
+        unknown = [n for n in settings.coefficients if n not in all_names]
+        if unknown:
+            raise UserError(f"search.coefficients: {unknown[0]!r} is not a coefficient of the recipe"
+                            f" ({', '.join(all_names)})")
+        return [n for n in all_names if n in settings.coefficients]
+    if settings.objective == "reasoning_rate" and len(all_names) != 1:
+        raise UserError("objective reasoning_rate searches one coefficient (reasoning_interp's alpha);"
+                        f" this recipe has {', '.join(all_names)}: name it in search.coefficients")
+    return list(all_names)
+
+
+class _Progress:
+    """tqdm bar over finished trials, with the current best in its postfix."""
+
+    def __init__(self, total: int, initial: int, describe: Callable[[Any], str], enabled: bool = True):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc="search", unit="trial", disable=not enabled,
+                        dynamic_ncols=True)
+        self.describe = describe
+
+    def __call__(self, study) -> None:
+        from mergekit_rlvr.search.study import finished_trials
+
+        done = len(finished_trials(study))
+        if self.bar.total is not None and done > self.bar.total:
+            self.bar.total = done
+        self.bar.n = done
+        self.bar.set_postfix_str(self.describe(study), refresh=True)
+
+    def close(self):
+        self.bar.close()
+
+
+def run_search(
+    recipe_path: str,
+    queries_path: str,
+    out_dir: str,
+    overrides: Optional[Mapping[str, Any]] = None,
+    open_engine: Optional[Callable[[Any, Mapping[str, Any]], Any]] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Run (or resume) the search; write the report; return summary.json's content."""
+    from mergekit_rlvr.decompose import load_recipe
+    from mergekit_rlvr.search import study as st
+    from mergekit_rlvr.search.objectives import dots_prompts, measure_dots
+    from mergekit_rlvr.search.reasoning import measure_reasoning, reasoning_prompts
+
+    started = time.perf_counter()
+    recipe = load_recipe(recipe_path)
+    settings = load_settings(recipe.get("search"), overrides, str(recipe.get("merge_method", "")))
+    queries = load_queries(queries_path)
+    fixed = recipe_coefficients(recipe)
+    names = list(fixed)
+    searched = _searched(settings, names)
+    objectives = st.objective_names(settings)
+    os.makedirs(out_dir, exist_ok=True)
+    url = st.storage_url(settings, out_dir)
+    study = st.open_study(settings, url, searched)
+
+    engine_kwargs = dict(settings.engine)
+    recipe_arg = recipe_path
+    prompts: Dict[str, List[str]] = {}
+
+    def start_engine():
+        engine = (open_engine or (lambda r, k: open_hotswap(r, k)[0]))(recipe_arg, engine_kwargs)
+        tokenizer = engine.get_tokenizer()
+        if settings.objective == "dots":
+            prompts["gen"], prompts["ppl"] = dots_prompts(tokenizer, queries, settings)
+        else:
+            prompts["gen"] = reasoning_prompts(tokenizer, queries, settings)
+        return engine
+
+    if settings.objective == "dots":
+        def measure(engine, stop_rule_for=None):
+            return measure_dots(engine, prompts["gen"], prompts["ppl"], settings, stop_rule_for)
+    else:
+        def measure(engine, stop_rule_for=None):
+            return measure_reasoning(engine, prompts["gen"], settings)
+
+    evaluator = st.Evaluator(start_engine, measure, fixed)
+    before = len(st.finished_trials(study))
+
+    def describe(study) -> str:
+        rows = [r for r in st.trial_rows(study, searched, fixed, objectives) if r["state"] == "COMPLETE"]
+        if not rows:
+            return ""
+        if settings.objective == "dots":
+            best, _ = select_dots(rows, settings.select)
+            return f"best #{best['number']} c={best['consistency']:.3f} ppl={best['perplexity']:.3g}"
+        best = largest_alpha(rows, settings.rho_min, searched[0])
+        return "" if best is None else f"{searched[0]}={best[searched[0]]:.4g} rate={best['reasoning_rate']:.3f}"
+
+    total = settings.trials if settings.objective == "dots" else (
+        settings.grid + 1 if settings.strategy == "grid" else settings.max_steps)
+    bar = _Progress(total, before, describe, enabled=progress)
+    search_start = time.perf_counter()
+    try:
+        if settings.objective == "dots":
+            st.run_dots(study, evaluator, settings, searched, progress=bar)
+        else:
+            st.run_reasoning(study, evaluator, settings, searched[0], progress=bar)
+    finally:
+        bar.close()
+        search_s = time.perf_counter() - search_start - evaluator.engine_start_s
+        if evaluator.engine is not None and open_engine is None:
+            close_engine(evaluator.engine)
+
+    rows = st.trial_rows(study, searched, fixed, objectives)
+    summary = _summarize(rows, settings, searched, names, fixed, objectives, url, study.study_name)
+    summary["timings"] = {
+        "engine_start_s": evaluator.engine_start_s if evaluator.engine is not None else None,
+        "search_s": search_s,
+        "trials_this_run": len(rows) - before,
+        "trial_wall_s": sum(r["wall_s"] for r in rows if math.isfinite(r["wall_s"])),
+        "generate_s": sum(r["generate_s"] for r in rows if math.isfinite(r["generate_s"])),
+        "score_s": sum(r["score_s"] for r in rows if math.isfinite(r["score_s"])),
+        "swap_s": sum(r["swap_s"] for r in rows if math.isfinite(r["swap_s"])),
+        "total_s": time.perf_counter() - started,
+    }
+    summary["queries"] = {"file": os.path.abspath(queries_path), "count": len(queries)}
+    files = {"trials.csv": rpt.trials_csv(rows, names, objectives), "summary.json": rpt.summary_json(summary)}
+    selected = summary["selected"]
+    if selected is not None:
+        files["best.yml"] = rpt.best_yaml(recipe, selected["coefficients"])
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    if complete:
+        sel_row = None if selected is None else {**selected["coefficients"], **selected["objectives"],
+                                                 "number": selected["trial"]}
+        if settings.objective == "dots":
+            front = [r for r in rows if r["number"] in {p["trial"] for p in summary["pareto_front"]}]
+            files["pareto.png"] = rpt.pareto_png(rows, front, sel_row)
+        files["objectives.png"] = rpt.objectives_png(
+            rows, searched, objectives, sel_row, settings.rho_min if settings.objective == "reasoning_rate" else None)
+    rpt.write_report(out_dir, files)
+    return summary
+
+
+def _summarize(rows, settings: SearchSettings, searched, names, fixed, objectives, url, study_name) -> Dict[str, Any]:
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+
+    def entry(row):
+        return {"trial": row["number"], "coefficients": {n: row[n] for n in names},
+                "objectives": {o: row[o] for o in objectives}}
+
+    summary: Dict[str, Any] = {"objective": settings.objective, "searched": list(searched),
+                               "storage": url, "study_name": study_name,
+                               "finished_trials": len(rows), "complete_trials": len(complete)}
+    if settings.objective == "dots":
+        if complete:
+            selected, front = select_dots(complete, settings.select)
+            summary["selected"] = {**entry(selected), "rule": settings.select}
+            summary["pareto_front"] = [entry(r) for r in front]
+        else:
+            summary["selected"], summary["pareto_front"] = None, []
+    else:
+        name = searched[0]
+        best = largest_alpha(complete, settings.rho_min, name, fallback=settings.bounds[0])
+        if best["number"] >= 0:
+            summary["selected"] = {**entry(best), "rule": f"largest {name} with reasoning_rate >= {settings.rho_min}"}
+        else:
+            coefficients = dict(fixed)
+            coefficients[name] = settings.bounds[0]
+            summary["selected"] = {"trial": None, "coefficients": coefficients,
+                                   "objectives": {"reasoning_rate": None},
+                                   "rule": f"no evaluated {name} reached {settings.rho_min}: the lower bound"}
+        summary["evaluated"] = sorted(([r[name], r["reasoning_rate"]] for r in complete), key=lambda p: p[0])
+    summary["settings"] = settings.to_dict()
+    return summary
+
+
+def run_select_queries(
+    recipe_path: str,
+    pool_path: str,
+    out_path: str,
+    n: int = 64,
+    samples: int = 5,
+    threshold: float = 0.8,
+    seed: int = 0,
+    overrides: Optional[Mapping[str, Any]] = None,
+    open_engine: Optional[Callable[[Any, Mapping[str, Any]], Any]] = None,
+) -> Dict[str, Any]:
+    """Alg. 1 stage 1 on one engine: each source model alone (its coefficient 1, the
+    others 0) answers every pool query ``samples`` times; D(x) = 1 - mean C(x); keep
+    D <= threshold, split at the median, sample n/2 from each half. Writes JSONL rows
+    (the input row plus ``difficulty``, ``consistency`` per source, ``split``)."""
+    from mergekit_rlvr.decompose import load_recipe
+    from mergekit_rlvr.search.objectives import build_prompt, query_consistencies
+
+    if n < 1:
+        raise UserError(f"-n must be at least 1, got {n}")
+    if not 0.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold must be in [0, 1], got {threshold}")
+    recipe = load_recipe(recipe_path)
+    if recipe.get("merge_method") not in ("dots", "task_arithmetic"):
+        raise UserError(f"recipe {recipe_path}: select-queries needs one coefficient per source model"
+                        f" (dots or task_arithmetic), not merge_method {recipe.get('merge_method')!r}")
+    settings = load_settings(recipe.get("search"), {**(overrides or {}), "samples": samples, "seed": seed,
+                                                    "objective": "dots"}, "dots")
+    pool = load_queries(pool_path)
+    names = list(recipe_coefficients(recipe))
+    engine = (open_engine or (lambda r, k: open_hotswap(r, k)[0]))(recipe_path, dict(settings.engine))
+    try:
+        tokenizer = engine.get_tokenizer()
+        prompts = [build_prompt(tokenizer, q.prompt, settings) for q in pool]
+        per_source: Dict[str, List[float]] = {}
+        from tqdm import tqdm
+
+        for name in tqdm(names, desc="select-queries", unit="model"):
+            engine.set_coefficients({n_: (1.0 if n_ == name else 0.0) for n_ in names})
+            per_source[name], _ = query_consistencies(engine, prompts, settings)
+    finally:
+        if open_engine is None:
+            close_engine(engine)
+    scores = [difficulty([per_source[name][i] for name in names]) for i in range(len(pool))]
+    chosen = select_by_difficulty(scores, n, threshold, seed)
+    lines = []
+    for pick in chosen:
+        row = dict(pool[pick.index].row)
+        row.update({"difficulty": pick.difficulty, "split": pick.split, "pool_index": pick.index,
+                    "consistency": {name: per_source[name][pick.index] for name in names}})
+        lines.append(json.dumps(row, ensure_ascii=False))
+    rpt.write_atomic(out_path, ("\n".join(lines) + ("\n" if lines else "")).encode())
+    return {"pool": len(pool), "kept": sum(1 for d in scores if d <= threshold), "selected": len(chosen),
+            "out": out_path}

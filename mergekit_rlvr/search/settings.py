@@ -1,0 +1,160 @@
+"""The recipe's ``search:`` block, its defaults and the command-line overrides.
+
+Defaults follow the papers (DoTS: TPE on [0, 2], 5 samples, temperature 0.6, 8192
+tokens, the front's highest consistency; reasoning interpolation: rho_min 0.9, binary
+search of at most 8 steps on [0, 1], short-prefix detection). The DoTS authors' code
+choices are options: ``sampler: nsga2``, ``bounds: [0.5, 2.0]``, ``samples: 7``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple
+
+from mergekit_rlvr.errors import UserError
+
+#: the DoTS authors' instruction appended to each question (their build_reasoning_prompt)
+DEFAULT_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+OBJECTIVES = ("dots", "reasoning_rate")
+SAMPLERS = ("tpe", "nsga2", "random")
+PERPLEXITY = ("prompt", "response")
+SELECT = ("max_consistency", "knee")
+STRATEGIES = ("binary", "grid")
+DETECT = ("prefix", "logit", "full")
+
+
+@dataclass
+class SearchSettings:
+    objective: str = "dots"
+    trials: int = 100
+    sampler: str = "tpe"
+    bounds: Tuple[float, float] = (0.0, 2.0)
+    samples: int = 5
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_tokens: int = 8192
+    perplexity: str = "prompt"
+    select: str = "max_consistency"
+    seed: int = 0
+    # prompts: "chat" applies the tokenizer's chat template to one user message
+    # (question + instruction); anything else is a format string with {prompt}
+    template: str = "chat"
+    instruction: str = DEFAULT_INSTRUCTION
+    # coefficients to search (default: all of HotSwapLLM.coefficients); others stay fixed
+    coefficients: Optional[List[str]] = None
+    # Optuna
+    storage: Optional[str] = None
+    study_name: str = "search"
+    prune: bool = False
+    chunks: int = 4
+    # reasoning_rate (paper 003)
+    rho_min: float = 0.9
+    strategy: str = "binary"
+    max_steps: int = 8
+    grid: int = 10
+    detect: str = "prefix"
+    prefix_tokens: int = 16
+    think_start: str = "<think>"
+    think_end: str = "</think>"
+    # vLLM engine keyword arguments
+    engine: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = asdict(self)
+        out["bounds"] = list(self.bounds)
+        return out
+
+
+_REASONING_DEFAULTS = {"bounds": (0.0, 1.0), "samples": 1, "max_tokens": 1024}
+
+
+def _fail(key: str, message: str):
+    raise UserError(f"search.{key}: {message}")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if key == "bounds":
+        try:
+            lo, hi = (float(v) for v in value)
+        except (TypeError, ValueError):
+            _fail(key, f"expected [low, high], got {value!r}")
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            _fail(key, f"expected finite low < high, got {value!r}")
+        return (lo, hi)
+    if key == "engine":
+        if not isinstance(value, dict):
+            _fail(key, f"expected a mapping of vLLM keyword arguments, got {value!r}")
+        return dict(value)
+    if key == "coefficients":
+        if value is None:
+            return None
+        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            _fail(key, f"expected a list of coefficient names, got {value!r}")
+        return list(value)
+    if key in ("storage",):
+        return None if value is None else str(value)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        _fail(key, f"expected true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            _fail(key, f"expected an integer, got {value!r}")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            _fail(key, f"expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            _fail(key, f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _check(s: SearchSettings) -> SearchSettings:
+    for key, allowed in (
+        ("objective", OBJECTIVES), ("sampler", SAMPLERS), ("perplexity", PERPLEXITY),
+        ("select", SELECT), ("strategy", STRATEGIES), ("detect", DETECT),
+    ):
+        if getattr(s, key) not in allowed:
+            _fail(key, f"{getattr(s, key)!r} is not one of {', '.join(allowed)}")
+    for key in ("trials", "samples", "max_tokens", "max_steps", "grid", "prefix_tokens", "chunks"):
+        if getattr(s, key) < 1:
+            _fail(key, f"must be at least 1, got {getattr(s, key)}")
+    if not 0.0 < s.temperature or not 0.0 < s.top_p <= 1.0:
+        _fail("temperature" if s.temperature <= 0 else "top_p", "out of range")
+    if not 0.0 <= s.rho_min <= 1.0:
+        _fail("rho_min", f"must be in [0, 1], got {s.rho_min}")
+    if s.template != "chat" and "{prompt}" not in s.template:
+        _fail("template", "must be 'chat' or a format string containing {prompt}")
+    if not s.think_start or not s.think_end:
+        _fail("think_start" if not s.think_start else "think_end", "must not be empty")
+    return s
+
+
+def load_settings(
+    block: Optional[Dict[str, Any]], overrides: Optional[Dict[str, Any]] = None, merge_method: str = ""
+) -> SearchSettings:
+    """Settings from a recipe's ``search:`` block, then ``overrides`` (flags) on top.
+    The objective defaults to reasoning_rate for reasoning_interp recipes."""
+    block = dict(block or {})
+    if not isinstance(block, dict):
+        raise UserError(f"search: expected a mapping, got {block!r}")
+    merged = {**block, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    known = {f.name: f for f in fields(SearchSettings)}
+    unknown = sorted(set(merged) - set(known))
+    if unknown:
+        raise UserError(f"search.{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})")
+    objective = merged.get("objective") or ("reasoning_rate" if merge_method == "reasoning_interp" else "dots")
+    settings = SearchSettings(objective=objective)
+    if objective == "reasoning_rate":
+        for key, value in _REASONING_DEFAULTS.items():
+            setattr(settings, key, value)
+    for key, value in merged.items():
+        if key == "objective":
+            continue
+        setattr(settings, key, _coerce(key, value, getattr(SearchSettings(), key)))
+    return _check(settings)

@@ -1,0 +1,232 @@
+"""The Optuna study behind a search: storage, samplers, resume, the trial loop.
+
+Every finished trial is in the study's storage (sqlite in the output directory by
+default, or any Optuna storage URL), written when the trial ends; a process killed
+at any moment loses at most the trial in flight, which the heartbeat marks failed
+once its grace period has passed. Rerunning with a larger ``trials`` continues from
+the finished trials; several processes on one storage cooperate on one study (each
+stops when the study holds ``trials`` finished trials).
+
+A trial swaps coefficients on the one running engine and measures; it never writes
+weights or starts an engine. The engine is opened lazily, so a rerun with nothing
+left to do only rewrites the report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from mergekit_rlvr.errors import UserError
+from mergekit_rlvr.search.settings import SearchSettings
+
+HEARTBEAT_S = 10
+GRACE_S = 30
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+def storage_url(settings: SearchSettings, out_dir: str) -> str:
+    return settings.storage or "sqlite:///" + os.path.abspath(os.path.join(out_dir, "study.db"))
+
+
+def open_storage(url: str):
+    import optuna
+
+    if "://" not in url:
+        raise UserError(f"--storage {url}: expected an Optuna storage URL such as sqlite:///path/study.db")
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                              grace_period=GRACE_S)
+    except Exception as error:  # noqa: BLE001 - a bad URL or unreachable database is one line
+        raise UserError(f"--storage {url}: cannot open it ({str(error).splitlines()[0]})")
+
+
+def make_sampler(settings: SearchSettings, seed: int):
+    import optuna
+
+    if settings.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
+def objective_names(settings: SearchSettings) -> List[str]:
+    return ["consistency", "perplexity"] if settings.objective == "dots" else ["reasoning_rate"]
+
+
+def directions(settings: SearchSettings) -> List[str]:
+    return ["maximize", "minimize"] if settings.objective == "dots" else ["maximize"]
+
+
+def open_study(settings: SearchSettings, url: str, searched: Sequence[str]):
+    """Create or load the study; check that a loaded one searched the same coefficients.
+    The sampler's seed mixes in the number of trials already stored, so a resumed
+    study does not replay its first random trials (and, with an explicit shared
+    storage, the process id, so that cooperating workers draw different ones)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(url)
+    name = f"{settings.study_name}-{settings.objective}"
+    study = optuna.create_study(storage=storage, study_name=name, directions=directions(settings),
+                                load_if_exists=True)
+    stored = study.user_attrs.get("coefficients")
+    if stored is None:
+        study.set_user_attr("coefficients", list(searched))
+        study.set_user_attr("bounds", list(settings.bounds))
+    elif list(stored) != list(searched):
+        raise UserError(f"study {name!r} in {url} searched coefficients {stored}, not {list(searched)}"
+                        " (use another --out, --storage or study_name)")
+    seed = settings.seed + len(study.get_trials(deepcopy=False))
+    if settings.storage:
+        seed = (seed * 1_000_003 + os.getpid()) % (2**31)
+    study.sampler = make_sampler(settings, seed)
+    return study
+
+
+def finished_trials(study) -> List[Any]:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def trial_rows(study, searched: Sequence[str], fixed: Dict[str, float], names: Sequence[str]) -> List[Dict[str, Any]]:
+    """One dict per finished trial: number, state, every coefficient (searched and fixed,
+    in engine order), objectives, timings."""
+    rows = []
+    for t in sorted(finished_trials(study), key=lambda t: t.number):
+        row: Dict[str, Any] = {"number": t.number, "state": t.state.name}
+        for name, value in fixed.items():
+            row[name] = float(t.params.get(name, value))
+        if t.values is not None:
+            row.update(zip(names, (float(v) for v in t.values)))
+        else:  # pruned: the partial measurement
+            for name in names:
+                row[name] = float(t.user_attrs.get(name, math.nan))
+        for key in ("wall_s", "swap_s", "generate_s", "score_s"):
+            row[key] = float(t.user_attrs.get(key, math.nan))
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class Evaluator:
+    """Measures one coefficient setting on the engine (opened on first use)."""
+
+    open_engine: Callable[[], Any]
+    measure: Callable[..., Any]  # (engine, stop_rule_for) -> Measurement, on the current weights
+    fixed: Dict[str, float]  # every coefficient's value outside the search
+    engine: Any = None
+    engine_start_s: float = 0.0
+
+    def get_engine(self):
+        if self.engine is None:
+            start = time.perf_counter()
+            self.engine = self.open_engine()
+            self.engine_start_s = time.perf_counter() - start
+        return self.engine
+
+    def __call__(self, trial, coefficients: Dict[str, float], stop_rule_for=None):
+        import optuna
+
+        engine = self.get_engine()
+        start = time.perf_counter()  # engine start is not the trial's time
+        values = {**self.fixed, **coefficients}
+        engine.set_coefficients(values)
+        swap_s = time.perf_counter() - start
+        measurement = self.measure(engine, stop_rule_for)
+        trial.set_user_attr("swap_s", swap_s)
+        trial.set_user_attr("generate_s", measurement.generate_s)
+        trial.set_user_attr("score_s", measurement.score_s)
+        trial.set_user_attr("per_query", [round(v, 6) for v in measurement.per_query])
+        trial.set_user_attr("wall_s", time.perf_counter() - start)
+        if measurement.stopped_early:
+            for name, value in measurement.values.items():
+                trial.set_user_attr(name, value)
+            raise optuna.TrialPruned()
+        return measurement
+
+
+def dominance_stop_rule(study, perplexity: float) -> Callable[[float, int, int], bool]:
+    """Stop a trial whose best possible consistency (every remaining query at 1) is
+    still dominated by a finished trial: it cannot reach the Pareto front, so the
+    front and the selected trial stay what they would have been."""
+    from optuna.trial import TrialState
+
+    front = [t.values for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+    def rule(total_so_far: float, done: int, total: int) -> bool:
+        best_possible = (total_so_far + (total - done)) / total
+        return any(c >= best_possible and p <= perplexity and (c > best_possible or p < perplexity)
+                   for c, p in front)
+
+    return rule
+
+
+def run_dots(study, evaluator: Evaluator, settings: SearchSettings, searched: Sequence[str],
+             progress: Callable[[Any], None] = lambda study: None) -> int:
+    """Run trials until the study holds ``settings.trials`` finished ones; returns how
+    many this process ran."""
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    remaining = settings.trials - len(finished_trials(study))
+    if remaining <= 0:
+        return 0
+    lo, hi = settings.bounds
+    ran = 0
+
+    def objective(trial):
+        nonlocal ran
+        coefficients = {name: trial.suggest_float(name, lo, hi) for name in searched}
+        rule_for = None
+        if settings.prune and settings.perplexity == "prompt":
+            rule_for = lambda perplexity: dominance_stop_rule(study, perplexity)  # noqa: E731
+        measurement = evaluator(trial, coefficients, rule_for)
+        ran += 1
+        return measurement.values["consistency"], measurement.values["perplexity"]
+
+    def callback(study, trial):
+        progress(study)
+
+    study.optimize(objective, n_trials=remaining, catch=(),
+                   callbacks=[MaxTrialsCallback(settings.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+                              callback])
+    return ran
+
+
+def run_reasoning(study, evaluator: Evaluator, settings: SearchSettings, name: str,
+                  progress: Callable[[Any], None] = lambda study: None) -> Dict[float, float]:
+    """Grid or binary search over ``name``; a setting already in the study is read back,
+    not measured again (resume). Returns alpha -> reasoning rate of the points visited."""
+    from optuna.trial import TrialState
+
+    from mergekit_rlvr.search.reasoning import binary_search, grid_search
+
+    def evaluate(alpha: float) -> float:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.params.get(name) == alpha:
+                return float(t.values[0])
+        study.enqueue_trial({name: alpha}, skip_if_exists=False)
+        result = {}
+
+        def objective(trial):
+            value = trial.suggest_float(name, *settings.bounds)
+            result["rate"] = evaluator(trial, {name: value}).values["reasoning_rate"]
+            return result["rate"]
+
+        study.optimize(objective, n_trials=1, callbacks=[lambda s, t: progress(s)])
+        return result["rate"]
+
+    if settings.strategy == "grid":
+        return grid_search(evaluate, settings.bounds, settings.grid)
+    return binary_search(evaluate, settings.bounds, settings.rho_min, settings.max_steps)
