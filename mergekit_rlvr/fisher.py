@@ -77,6 +77,8 @@ def read_rows(path: str, limit: Optional[int] = None) -> Iterator[Row]:
                     raise UserError(f"data file {path} line {line_no}: row has no '{key}'")
                 if not isinstance(row[key], str):
                     raise UserError(f"data file {path} line {line_no}: '{key}' must be a string")
+            if not row["answer"]:
+                raise UserError(f"data file {path} line {line_no}: 'answer' is empty (nothing to score)")
             count += 1
             yield Row(line_no, row["prompt"], row["answer"])
 
@@ -379,6 +381,8 @@ def compute_fisher(
     """MODEL + JSONL -> Fisher file at ``out`` (atomic). Returns a summary."""
     from mergekit_rlvr.io.fisher import save_fisher
 
+    if os.path.isdir(out):
+        raise UserError(f"--out {out} is a directory; give a file name such as {os.path.join(out, 'fisher.safetensors')}")
     total = count_rows(data, max_examples)  # the whole file is checked before the model loads
     if accumulate_on not in ("device", "cpu"):
         raise UserError(f"--accumulate-on must be 'device' or 'cpu', got {accumulate_on!r}")
@@ -425,12 +429,14 @@ def compute_fisher(
     peak = max((float(v.max()) for v in values.values() if v.numel()), default=0.0)
     positive = [float(v[v > 0].min()) for v in values.values() if bool((v > 0).any())]
     count = len(values)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    save_fisher(values, out, consume=True, metadata={
-        "model": model, "data": os.path.abspath(data), "examples": examples, "dtype": dtype,
-        "chat_template": chat_template, "add_eos": add_eos, "equation": "paper 001 Eq. 13",
-    })
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        save_fisher(values, out, consume=True, metadata={
+            "model": model, "data": os.path.abspath(data), "examples": examples, "dtype": dtype,
+            "chat_template": chat_template, "add_eos": add_eos, "equation": "paper 001 Eq. 13",
+        })
+    except OSError as error:
+        raise UserError(f"cannot write --out {out}: {error.strerror or error}") from None
     return {
         "out": out,
         "examples": examples,

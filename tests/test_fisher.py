@@ -219,6 +219,7 @@ def run_cli(argv, capsys):
         ("not_json", [ROWS[0], "{prompt: 1"], "data file {data} line 2: not valid JSON"),
         ("not_string", [{"prompt": "q", "answer": 5}], "data file {data} line 1: 'answer' must be a string"),
         ("empty", ["", "  "], "data file {data} holds no examples"),
+        ("empty_answer", [{"prompt": "q", "answer": ""}], "data file {data} line 1: 'answer' is empty"),
     ],
 )
 def test_bad_data_is_one_error_line_and_nothing_written(tiny_family, tmp_path, capsys, case, rows, message):
@@ -255,6 +256,8 @@ def test_unreadable_model_is_one_error_line(tiny_family, tmp_path, capsys):
     code, err = run_cli(["fisher", str(no_config), "--data", str(data), "--out", str(out)], capsys)
     assert code == 1 and err.startswith(f"error: model {no_config}: cannot load") and len(err.splitlines()) == 1
     assert not out.exists()
+    code, err = run_cli(["fisher", tiny_family["base"], "--data", str(data), "--out", str(tmp_path)], capsys)
+    assert code == 1 and err.startswith(f"error: --out {tmp_path} is a directory") and len(err.splitlines()) == 1
 
 
 def test_read_rows_streams_and_stops_at_max_examples(tmp_path):
