@@ -222,7 +222,8 @@ class MergeController:
                 "mergekit_rlvr: merge version %d %s (drain=%s, waited %.3f s for requests, swap %.3f s)",
                 self.version, self.describe()["coefficients"], drain, waited, total - waited,
             )
-            return {**self.describe(), "drained": drain, "seconds": round(total, 6)}
+            return {**self.describe(), "drained": drain, "seconds": round(total, 6),
+                    "waited_seconds": round(waited, 6)}
 
     async def _resync(self) -> None:
         try:

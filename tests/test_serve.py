@@ -1,0 +1,388 @@
+"""`mergekit-rlvr serve` and the /v1/merge endpoint plugin on a real vLLM server.
+
+One server (real `mergekit-rlvr serve` subprocess on 127.0.0.1, tiny dots recipe,
+CPU) is shared by the module. Attribution is checked three ways: the
+`x-merge-version` header of every response, the engine's own per-token weight
+version labels (`/inference/v1/generate` reports them), and a teacher-forced
+re-scoring of every generated token under the coefficients of the version it was
+attributed to (the logprobs must match: a response that mixed weights would not).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_recipe
+
+requests = pytest.importorskip("requests")
+
+BIN = Path(sys.executable).parent
+API_KEY = "test-key-1234"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+STARTUP_TIMEOUT = 600  # seconds; a loaded 2-core machine needs a few minutes for three processes
+REQUEST_TIMEOUT = 120
+#: Greedy, fixed length: every response has the same number of tokens.
+GEN_TOKENS = 24
+PROMPTS = [[5, 6, 7, 8], [20, 21, 22], [40, 41, 42, 43, 44], [60, 61]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path):
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the server's own session: it and its engine
+                self.proc.wait(timeout=30)
+
+
+def start_server(recipe: Path, log: Path, *extra: str, env: dict | None = None) -> Server:
+    port = _free_port()
+    cmd = [
+        str(BIN / "mergekit-rlvr"), "serve", str(recipe),
+        "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
+        "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager",
+        "--enable-scale-out",  # /inference/v1/generate: the engine's per-token weight versions
+        *extra,
+    ]
+    env = dict(os.environ if env is None else env, PYTHONWARNINGS="ignore")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = Server(proc, port, log)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{server.tail()}")
+        try:
+            if requests.get(server.url + "/health", timeout=2).status_code == 200:
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    server.stop()
+    raise AssertionError(f"server not ready after {STARTUP_TIMEOUT} s:\n{server.tail()}")
+
+
+@pytest.fixture(scope="module")
+def dots_recipe(tiny_family, tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "dots.yml"
+    return write_recipe(path, {
+        "merge_method": "dots", "base_model": tiny_family["base"], "dtype": "float32",
+        "models": [{"model": tiny_family["sft"], "parameters": {"weight": 0.79}},
+                   {"model": tiny_family["rl"], "parameters": {"weight": 1.82}}],
+        "parameters": {"density": 0.3},
+    })
+
+
+@pytest.fixture(scope="module")
+def server(dots_recipe, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    srv = start_server(dots_recipe, log)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+# ----------------------------------------------------------------------------- clients
+def get_merge(server, headers=AUTH):
+    return requests.get(server.url + "/v1/merge", headers=headers, timeout=REQUEST_TIMEOUT)
+
+
+def post_merge(server, body, headers=AUTH):
+    data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return requests.post(server.url + "/v1/merge", data=data, headers=headers, timeout=REQUEST_TIMEOUT)
+
+
+def stream_generate(server, token_ids, max_tokens=GEN_TOKENS) -> dict:
+    """Greedy streamed generation through the token API: tokens, their logprobs,
+    the header version, the engine's weight-version spans, any error."""
+    body = {"token_ids": token_ids, "stream": True,
+            "sampling_params": {"max_tokens": max_tokens, "temperature": 0, "logprobs": 0,
+                                "ignore_eos": True}}
+    out = {"kind": "generate", "prompt": token_ids, "tokens": [], "logprobs": [], "spans": None,
+           "error": None, "done": False, "start": time.monotonic()}
+    with requests.post(server.url + "/inference/v1/generate", json=body, headers=AUTH,
+                       stream=True, timeout=REQUEST_TIMEOUT) as response:
+        out["status"] = response.status_code
+        out["version"] = response.headers.get("x-merge-version")
+        for line in response.iter_lines():
+            if not line.startswith(b"data: "):
+                continue
+            payload = line[len(b"data: "):]
+            if payload == b"[DONE]":
+                out["done"] = True
+                break
+            event = json.loads(payload)
+            if "error" in event:
+                out["error"] = event["error"]
+                continue
+            choice = event["choices"][0]
+            out["tokens"] += choice["token_ids"]
+            out["logprobs"] += [entry["logprob"] for entry in choice["logprobs"]["content"]]
+            if choice.get("weight_versions") is not None:
+                out["spans"] = choice["weight_versions"]
+    out["end"] = time.monotonic()
+    return out
+
+
+def stream_completion(server, model, prompt, max_tokens=GEN_TOKENS) -> dict:
+    """Streamed text completion (OpenAI API): header version, text, any error."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    out = {"kind": "completion", "text": "", "error": None, "done": False, "start": time.monotonic()}
+    with requests.post(server.url + "/v1/completions", json=body, headers=AUTH,
+                       stream=True, timeout=REQUEST_TIMEOUT) as response:
+        out["status"] = response.status_code
+        out["version"] = response.headers.get("x-merge-version")
+        for line in response.iter_lines():
+            if not line.startswith(b"data: "):
+                continue
+            payload = line[len(b"data: "):]
+            if payload == b"[DONE]":
+                out["done"] = True
+                break
+            event = json.loads(payload)
+            if "error" in event:
+                out["error"] = event["error"]
+                continue
+            out["text"] += event["choices"][0]["text"]
+    out["end"] = time.monotonic()
+    return out
+
+
+def score(server, prompt, tokens) -> list[float]:
+    """Teacher-forced logprobs of ``tokens`` after ``prompt`` (one prefill)."""
+    body = {"token_ids": prompt + tokens,
+            "sampling_params": {"max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}}
+    response = requests.post(server.url + "/inference/v1/generate", json=body, headers=AUTH,
+                             timeout=REQUEST_TIMEOUT)
+    assert response.status_code == 200, response.text
+    entries = response.json()["prompt_logprobs"][len(prompt):]
+    return [entry[str(token)]["logprob"] for entry, token in zip(entries, tokens)]
+
+
+def served_model(server) -> str:
+    return requests.get(server.url + "/v1/models", headers=AUTH, timeout=REQUEST_TIMEOUT).json()["data"][0]["id"]
+
+
+# ----------------------------------------------------------------------------- tests
+def test_route_reports_recipe_and_honours_api_key(server, tiny_family):
+    assert get_merge(server, headers={}).status_code == 401
+    assert get_merge(server, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert post_merge(server, {"coefficients": {tiny_family["rl"]: 0.5}}, headers={}).status_code == 401
+    response = get_merge(server)
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "method": "dots",
+        "coefficients": {tiny_family["sft"]: 0.79, tiny_family["rl"]: 1.82},
+        "version": 0,
+    }
+
+
+def test_invalid_coefficients_are_rejected_and_change_nothing(server, tiny_family):
+    before = get_merge(server).json()
+    reference = score(server, PROMPTS[0], [10, 11, 12, 13])
+    sft, rl = tiny_family["sft"], tiny_family["rl"]
+    bad = [
+        ({"coefficients": {"nope": 1.0}}, "unknown coefficient 'nope'"),
+        ('{"coefficients": {"%s": NaN}}' % rl, "must be finite"),
+        ({"coefficients": {sft: "big"}}, "must be a number"),
+        ({"coefficients": [1.0]}, "list has 1 values"),
+        ({"coefficients": {sft: 1.0}, "drain": "yes"}, '"drain" must be true or false'),
+        ({"weights": {sft: 1.0}}, "unknown field"),
+        ("{not json", "not valid JSON"),
+    ]
+    for body, message in bad:
+        response = post_merge(server, body)
+        assert response.status_code == 400, (body, response.text)
+        error = response.json()["error"]["message"]
+        assert message in error and "\n" not in error, (body, error)
+    assert get_merge(server).json() == before
+    assert score(server, PROMPTS[0], [10, 11, 12, 13]) == reference  # weights untouched
+
+
+def test_swaps_under_streaming_load_never_mix_versions(server, tiny_family):
+    """Four clients stream greedy generations while swaps are posted; every response
+    comes from exactly one version (header == engine's label for every token ==
+    teacher-forced re-scoring under that version's coefficients), none fails."""
+    sft, rl = tiny_family["sft"], tiny_family["rl"]
+    settings = [{sft: 0.0, rl: 0.0}, {sft: 1.5, rl: 0.5}, {sft: 0.79, rl: 1.82}]
+    model = served_model(server)
+    start_version = get_merge(server).json()["version"]
+    coefficients_of = {start_version: get_merge(server).json()["coefficients"]}
+    results, errors, swaps = [], [], []
+    stop = threading.Event()
+
+    def client(index):
+        n = 0
+        while not stop.is_set() and n < 40:  # bounded
+            try:
+                if index == 3:
+                    results.append(stream_completion(server, model, "The merge ", max_tokens=GEN_TOKENS))
+                else:
+                    results.append(stream_generate(server, PROMPTS[(index + n) % len(PROMPTS)]))
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(repr(error))
+            n += 1
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        for i in range(6):
+            sent = time.monotonic()
+            response = post_merge(server, {"coefficients": settings[i % len(settings)]})
+            assert response.status_code == 200, response.text
+            state = response.json()
+            swaps.append((sent, time.monotonic(), state["version"]))
+            coefficients_of[state["version"]] = state["coefficients"]
+            time.sleep(0.4)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=REQUEST_TIMEOUT)
+    assert not errors, errors[:3]
+    assert [v for _, _, v in swaps] == list(range(start_version + 1, start_version + 7))
+
+    for r in results:
+        assert r["status"] == 200 and r["error"] is None and r["done"], r
+        assert r["version"] is not None and int(r["version"]) in coefficients_of, r
+    generated = [r for r in results if r["kind"] == "generate"]
+    for r in generated:
+        assert len(r["tokens"]) == GEN_TOKENS, r
+        assert r["spans"] == [{"version": r["version"], "start": 0, "end": GEN_TOKENS}], r
+    versions = {int(r["version"]) for r in results}
+    assert len(versions) >= 3, versions
+    # power: some requests were in flight while a swap was posted (they were drained)
+    assert any(r["start"] < sent < r["end"] for r in results for sent, _, _ in swaps)
+
+    # Re-score every generation under its version's coefficients (set again: the
+    # engine has no drift, so the same coefficients give the same weights).
+    by_setting: dict[tuple, list] = {}
+    for r in generated:
+        key = tuple(sorted(coefficients_of[int(r["version"])].items()))
+        by_setting.setdefault(key, []).append(r)
+    scored = 0
+    for key, runs in by_setting.items():
+        assert post_merge(server, {"coefficients": dict(key)}).status_code == 200
+        for r in runs[:6]:
+            expected = score(server, r["prompt"], r["tokens"])
+            assert max(abs(a - b) for a, b in zip(expected, r["logprobs"])) < 1e-3, (key, r["version"])
+            scored += 1
+    assert len(by_setting) >= 2 and scored >= 6
+    # power: the settings really give different outputs
+    first = {key: runs[0]["tokens"] for key, runs in by_setting.items() if runs[0]["prompt"] == PROMPTS[0]}
+    if len(first) >= 2:
+        assert len({tuple(t) for t in first.values()}) >= 2
+
+
+def test_drain_false_aborts_in_flight_requests_with_a_clear_error(server, tiny_family):
+    rl = tiny_family["rl"]
+    version = get_merge(server).json()["version"]
+    model = served_model(server)
+    results = {}
+
+    def long_stream():
+        results["stream"] = stream_generate(server, PROMPTS[1], max_tokens=200)
+
+    def long_plain():
+        body = {"model": model, "prompt": "abc", "max_tokens": 200, "ignore_eos": True}
+        results["plain"] = requests.post(server.url + "/v1/completions", json=body, headers=AUTH,
+                                         timeout=REQUEST_TIMEOUT)
+
+    threads = [threading.Thread(target=long_stream), threading.Thread(target=long_plain)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    response = post_merge(server, {"coefficients": {rl: 0.25}, "drain": False})
+    for thread in threads:
+        thread.join(timeout=REQUEST_TIMEOUT)
+    assert response.status_code == 200, response.text
+    assert response.json()["version"] == version + 1
+
+    stream = results["stream"]
+    assert stream["status"] == 200 and stream["version"] == str(version)
+    assert 0 < len(stream["tokens"]) < 200, stream  # cut short, only old-version tokens
+    assert stream["error"]["code"] == 503
+    assert f"swapped to version {version + 1} with drain=false" in stream["error"]["message"]
+    plain = results["plain"]
+    assert plain.status_code == 503, plain.text
+    assert plain.headers["x-merge-version"] == str(version)
+    assert "drain=false" in plain.json()["error"]["message"]
+
+    after = stream_generate(server, PROMPTS[1], max_tokens=4)
+    assert after["version"] == str(version + 1) and after["error"] is None
+
+
+# ----------------------------------------------------------------------------- no engine
+@pytest.mark.parametrize("enabled", [False, True])
+def test_route_exists_only_when_the_plugin_is_enabled(enabled, tiny_family, monkeypatch):
+    """vLLM's own app builder: without VLLM_PLUGINS naming the plugin, /v1/merge 404s."""
+    from starlette.testclient import TestClient
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    if enabled:
+        monkeypatch.setenv("VLLM_PLUGINS", "mergekit_rlvr")
+    else:
+        monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", tiny_family["base"]])
+    client = TestClient(build_app(args, ("generate",)))
+    get, post = client.get("/v1/merge"), client.post("/v1/merge", json={"coefficients": [1.0]})
+    if enabled:
+        assert get.status_code == 409 and "no merge recipe is loaded" in get.json()["error"]["message"]
+        assert post.status_code == 409
+    else:
+        assert get.status_code == 404 and post.status_code in (404, 405)
+
+
+def test_serve_rejects_bad_input_in_one_line(tiny_family, tmp_path):
+    recipe = write_recipe(tmp_path / "ties.yml", {
+        "merge_method": "ties", "base_model": tiny_family["base"],
+        "models": [{"model": tiny_family["sft"], "parameters": {"weight": 1.0, "density": 0.5}}]})
+    good = write_recipe(tmp_path / "ok.yml", {
+        "merge_method": "dots", "base_model": tiny_family["base"],
+        "models": [{"model": tiny_family["sft"], "parameters": {"weight": 1.0}}]})
+    cases = [
+        ([str(tmp_path / "missing.yml")], "recipe file not found"),
+        ([str(recipe)], "cannot be hot-swapped"),
+        ([str(good), "--model", "x"], "option --model cannot be given"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run([str(BIN / "mergekit-rlvr"), "serve", *args], capture_output=True,
+                              text=True, timeout=120, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
