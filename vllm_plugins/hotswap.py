@@ -1,0 +1,124 @@
+"""``HotSwapLLM``: a ``vllm.LLM`` on a recipe's base model whose merge
+coefficients can be changed in place (see :mod:`vllm_plugins.worker`).
+
+    llm = HotSwapLLM.from_recipe("recipe.yml", dtype="bfloat16")
+    llm.coefficients                     # {"path/to/sft": 0.79, ...}, recipe order
+    llm.set_coefficients({"path/to/sft": 0.5, "path/to/rl": 1.5})  # or a list
+    llm.generate(prompts, sampling_params)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from vllm_plugins import WORKER_EXTENSION
+
+
+class HotSwapLLM:
+    def __init__(self, llm, decomposition, names: List[str], spec: Dict[str, Any]):
+        self.llm = llm
+        self._d = decomposition
+        self._names = list(names)
+        self._values = list(decomposition.coefficients)
+        self.version = 0
+        self.load_reports = self._rpc("hotswap_load", spec)
+        self.llm.reset_prefix_cache()
+
+    # -- construction ------------------------------------------------------------
+    @classmethod
+    def from_recipe(
+        cls,
+        recipe,
+        *,
+        paths: str = "auto",
+        coefficients: Optional[Union[Dict[str, float], Sequence[float]]] = None,
+        **llm_kwargs,
+    ) -> "HotSwapLLM":
+        """Start ``vllm.LLM(model=<base>, **llm_kwargs)`` once and load the recipe's
+        vectors on every worker. ``recipe``: a YAML path or a dict. Invalid recipes
+        (unsupported method, checkpoints that do not match the base) raise a
+        ValueError (``mergekit_rlvr.errors.UserError``) before the engine starts."""
+        from mergekit_rlvr.decompose import coefficient_names_of, decompose, load_recipe
+
+        from vllm_plugins.spec import load_spec
+
+        data = load_recipe(recipe)
+        names = coefficient_names_of(data)
+        d = decompose(data, trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
+        d.prepare()  # checks every checkpoint against the base before the engine starts
+        values = None
+        if coefficients is not None:
+            values = d.check_coefficients(_by_position(names, d.coefficient_names, coefficients))
+        spec = load_spec(data, values, paths=paths,
+                         trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
+        from vllm import LLM
+
+        llm_kwargs.setdefault("model", d.base_path)
+        llm_kwargs["worker_extension_cls"] = WORKER_EXTENSION
+        llm = LLM(**llm_kwargs)
+        self = cls(llm, d, names, spec)
+        if values is not None:
+            self._values = values
+        return self
+
+    # -- coefficients --------------------------------------------------------------
+    @property
+    def method(self) -> str:
+        return self._d.method
+
+    @property
+    def coefficient_names(self) -> List[str]:
+        return list(self._names)
+
+    @property
+    def coefficients(self) -> Dict[str, float]:
+        return dict(zip(self._names, self._values))
+
+    def validate(self, coefficients) -> List[float]:
+        """The coefficients as a list in name order; ValueError naming the bad
+        name, value or length."""
+        return self._d.check_coefficients(_by_position(self._names, self._d.coefficient_names, coefficients))
+
+    def set_coefficients(self, coefficients) -> Dict[str, Any]:
+        """Rewrite the weights for ``coefficients`` (dict by name or list in name
+        order). Invalid input raises ValueError and leaves the weights as they were.
+        Prefix caches are reset. Returns the first worker's timing report."""
+        values = self.validate(coefficients)
+        reports = self._rpc("hotswap_set", values)
+        self.llm.reset_prefix_cache()
+        self._values = values
+        self.version += 1
+        return reports[0]
+
+    # -- passthrough -----------------------------------------------------------------
+    def generate(self, *args, **kwargs):
+        return self.llm.generate(*args, **kwargs)
+
+    def state(self) -> List[Dict[str, Any]]:
+        """Per worker: bytes held, path per parameter, version, coefficients."""
+        return self._rpc("hotswap_state")
+
+    def read_weights(self, names: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+        """Per worker: copies of the live parameters that are plain tensors
+        (name -> torch.Tensor)."""
+        from vllm_plugins.worker import decode_tensor
+
+        return [{k: decode_tensor(v) for k, v in r.items()} for r in self._rpc("hotswap_read", names)]
+
+    def _rpc(self, method: str, *args):
+        return self.llm.collective_rpc(method, args=args)
+
+    def __getattr__(self, name):  # chat, encode, get_tokenizer, ... of vllm.LLM
+        if name in ("llm", "_d"):
+            raise AttributeError(name)
+        return getattr(self.llm, name)
+
+
+def _by_position(names: List[str], internal: List[str], coefficients):
+    """Translate a dict keyed by the recipe's names into the decomposition's order
+    (they are the same list unless paths were rewritten)."""
+    if isinstance(coefficients, dict):
+        from mergekit_rlvr.decompose import normalize_coefficients
+
+        return normalize_coefficients(names, coefficients)
+    return coefficients

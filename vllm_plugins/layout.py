@@ -1,0 +1,171 @@
+"""Where each checkpoint tensor lands in vLLM's parameters, learned from vLLM itself.
+
+vLLM's loaders fuse checkpoint tensors (q/k/v -> ``qkv_proj``, gate/up ->
+``gate_up_proj``), take this worker's tensor-parallel shard, pad vocabularies.
+Rather than re-implementing that per architecture, :func:`record_layout` runs the
+model's own ``load_weights`` once on stand-in parameters that live on the meta
+device (built from the metadata vLLM records for reloading, so they have the
+pre-processing shapes and loaders) and watches every ``copy_`` the loaders make
+from our checkpoint-shaped tensors. Each copy is kept as a pair of view
+geometries (destination in the parameter, source in the checkpoint tensor), so
+:meth:`ParamLayout.replay` maps any checkpoint-format tensor (a base, a vector, a
+mask) into the parameter's layout with exactly the loaders' slicing. Nothing is
+written to the live parameters while recording.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+Geometry = Tuple[Tuple[int, ...], Tuple[int, ...], int]  # size, stride, storage offset
+
+
+@dataclass
+class Copy:
+    checkpoint: str
+    dst: Geometry
+    src: Geometry
+
+
+@dataclass
+class ParamLayout:
+    """How checkpoint tensors fill one vLLM parameter (pre-processing shape)."""
+
+    name: str
+    shape: Tuple[int, ...]
+    copies: List[Copy] = field(default_factory=list)
+
+    @property
+    def checkpoints(self) -> List[str]:
+        return sorted({c.checkpoint for c in self.copies})
+
+    def replay(self, tensors: Dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """Copy ``tensors`` (checkpoint name -> checkpoint-shaped, contiguous) into
+        ``out`` (this parameter's shape) exactly as vLLM's loaders place them."""
+        for c in self.copies:
+            src = tensors[c.checkpoint]
+            if not src.is_contiguous():
+                src = src.contiguous()
+            out.as_strided(*c.dst).copy_(src.as_strided(*c.src))
+        return out
+
+    def covered(self) -> torch.Tensor:
+        """bool mask of the entries some checkpoint tensor fills."""
+        mask = torch.zeros(self.shape, dtype=torch.bool)
+        for c in self.copies:
+            mask.as_strided(*c.dst).fill_(True)
+        return mask
+
+
+@dataclass
+class Layout:
+    params: Dict[str, ParamLayout]  # vLLM parameter name -> layout
+    unmapped: List[str]  # checkpoint names no copy came from (skipped or transformed)
+    error: Optional[str] = None  # why recording failed, if it did
+
+    def params_of(self, checkpoint: str) -> List[str]:
+        return [p for p, layout in self.params.items() if checkpoint in layout.checkpoints]
+
+
+def _geometry(t: torch.Tensor) -> Geometry:
+    return tuple(t.size()), tuple(t.stride()), int(t.storage_offset())
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, sources: Dict[int, str]):
+        super().__init__()
+        self.sources = sources  # storage data_ptr -> checkpoint name
+        self.current: Optional[str] = None
+        self.copies: Dict[str, List[Copy]] = {}
+        self.stray = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.copy_.default and args[0].is_meta:
+            dst, src = args[0], args[1]
+            name = None
+            if isinstance(src, torch.Tensor) and not src.is_meta:
+                name = self.sources.get(src.untyped_storage().data_ptr())
+            if name is not None and self.current is not None:
+                self.copies.setdefault(self.current, []).append(Copy(name, _geometry(dst), _geometry(src)))
+            else:
+                self.stray += 1
+            return dst
+        return func(*args, **kwargs)
+
+
+def _stand_in(template: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    from vllm.model_executor.model_loader.reload.meta import to_meta_tensor
+    from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
+
+    stand = to_meta_tensor(template)
+    return restore_layer_refs(stand, layer)
+
+
+def record_layout(model: torch.nn.Module, checkpoint: Iterable[Tuple[str, torch.Size, torch.dtype]]) -> Layout:
+    """Run ``model.load_weights`` on meta stand-ins; see the module docstring."""
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    checkpoint = list(checkpoint)
+    # uninitialized real tensors: their storage identifies them, their pages are never touched
+    sources = {name: torch.empty(tuple(shape), dtype=dtype) for name, shape, dtype in checkpoint}
+    recorder = _Recorder({t.untyped_storage().data_ptr(): n for n, t in sources.items()})
+
+    saved: Dict[torch.nn.Module, Dict[str, torch.Tensor]] = {}
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    prefixes = {module: prefix for prefix, module in model.named_modules(remove_duplicate=False)}
+    try:
+        for module, prefix in prefixes.items():
+            if module in saved or not module._parameters:
+                continue
+            saved[module] = dict(module._parameters)
+            info = LAYERWISE_INFO.get(module)
+            templates = dict(info.restore_metadata[0]) if info is not None else {}
+            for pname, live in module._parameters.items():
+                if live is None:
+                    continue
+                template = templates.get(pname, live)
+                stand = _stand_in(template, module)
+                qualified = f"{prefix}.{pname}" if prefix else pname
+                shapes[qualified] = tuple(stand.shape)
+                original = getattr(stand, "weight_loader", default_weight_loader)
+                stand.weight_loader = _tracking(original, recorder, qualified)
+                module._parameters[pname] = stand
+        with torch.no_grad(), recorder:
+            model.load_weights(iter(sources.items()))
+        error = None
+    except Exception as exc:  # any loader surprise: everything goes through reload
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        for module, params in saved.items():
+            module._parameters.clear()
+            module._parameters.update(params)
+    if error is not None:
+        return Layout({}, [n for n, _, _ in checkpoint], error)
+    params = {
+        name: ParamLayout(name, shapes[name], copies) for name, copies in recorder.copies.items()
+    }
+    used = {c.checkpoint for layout in params.values() for c in layout.copies}
+    return Layout(params, [n for n, _, _ in checkpoint if n not in used])
+
+
+def _tracking(loader, recorder: _Recorder, name: str):
+    @functools.wraps(loader)
+    def tracked(*args, **kwargs):
+        previous, recorder.current = recorder.current, name
+        try:
+            return loader(*args, **kwargs)
+        finally:
+            recorder.current = previous
+
+    return tracked
+
+
+def named_live_parameters(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return dict(model.named_parameters(remove_duplicate=False))
