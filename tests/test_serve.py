@@ -196,6 +196,8 @@ def served_model(server) -> str:
 
 
 # ----------------------------------------------------------------------------- tests
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_route_reports_recipe_and_honours_api_key(server, tiny_family):
     assert get_merge(server, headers={}).status_code == 401
     assert get_merge(server, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -209,6 +211,8 @@ def test_route_reports_recipe_and_honours_api_key(server, tiny_family):
     }
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_invalid_coefficients_are_rejected_and_change_nothing(server, tiny_family):
     before = get_merge(server).json()
     reference = score(server, PROMPTS[0], [10, 11, 12, 13])
@@ -231,6 +235,8 @@ def test_invalid_coefficients_are_rejected_and_change_nothing(server, tiny_famil
     assert score(server, PROMPTS[0], [10, 11, 12, 13]) == reference  # weights untouched
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_swaps_under_streaming_load_never_mix_versions(server, tiny_family):
     """Four clients stream greedy generations while swaps are posted; every response
     comes from exactly one version (header == engine's label for every token ==
@@ -308,9 +314,12 @@ def test_swaps_under_streaming_load_never_mix_versions(server, tiny_family):
         assert len({tuple(t) for t in first.values()}) >= 2
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_drain_false_aborts_in_flight_requests_with_a_clear_error(server, tiny_family):
     rl = tiny_family["rl"]
     version = get_merge(server).json()["version"]
+    before = get_merge(server).json()["coefficients"]
     model = served_model(server)
     results = {}
 
@@ -330,7 +339,10 @@ def test_drain_false_aborts_in_flight_requests_with_a_clear_error(server, tiny_f
     for thread in threads:
         thread.join(timeout=REQUEST_TIMEOUT)
     assert response.status_code == 200, response.text
-    assert response.json()["version"] == version + 1
+    state = response.json()
+    assert state["version"] == version + 1 and state["drained"] is False
+    assert state["coefficients"][rl] == 0.25  # a partial update keeps the other names' values
+    assert state["coefficients"][tiny_family["sft"]] == before[tiny_family["sft"]]
 
     stream = results["stream"]
     assert stream["status"] == 200 and stream["version"] == str(version)

@@ -41,12 +41,16 @@ class MergeRequestError(Exception):
 
 
 def first_result(results):
-    """collective_rpc returns one result per worker; they must agree on the merge."""
-    if isinstance(results, list):
-        if not results:
-            raise RuntimeError("collective_rpc returned no worker result")
-        return results[0]
-    return results
+    """collective_rpc returns one result per worker (tensor-parallel ranks); they
+    must agree on the merge."""
+    if not isinstance(results, list):
+        return results
+    if not results:
+        raise RuntimeError("collective_rpc returned no worker result")
+    states = [parse_state(r) for r in results if isinstance(r, dict) and "coefficients" in r]
+    if any(state != states[0] for state in states[1:]):
+        raise RuntimeError(f"workers disagree on the merge: {states}")
+    return results[0]
 
 
 def parse_state(state: dict) -> tuple[str, list[str], list[float]]:

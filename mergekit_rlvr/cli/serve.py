@@ -34,6 +34,26 @@ def _option_given(args: list[str], option: str) -> bool:
     return any(arg == option or arg.startswith(option + "=") for arg in args)
 
 
+def _option_value(args: list[str], *options: str) -> str | None:
+    """The last value given to any spelling of an option (``--x v`` or ``--x=v``)."""
+    value = None
+    for i, arg in enumerate(args):
+        for option in options:
+            if arg == option and i + 1 < len(args):
+                value = args[i + 1]
+            elif arg.startswith(option + "="):
+                value = arg.split("=", 1)[1]
+    return value
+
+
+#: One API server process and one engine: the swap lock, the admission gate and the
+#: version counter live in that process (data-parallel engines are not swapped together).
+SINGLE = {
+    ("--data-parallel-size", "-dp"): "data parallelism",
+    ("--api-server-count", "-asc"): "several API server processes",
+}
+
+
 def server_command(recipe_path: Path, vllm_args: list[str], environ: dict | None = None):
     """(argv, env) of the vLLM API server process that serves ``recipe_path``.
 
@@ -46,6 +66,10 @@ def server_command(recipe_path: Path, vllm_args: list[str], environ: dict | None
     for option, why in RESERVED.items():
         if _option_given(vllm_args, option):
             raise UserError(f"option {option} cannot be given to serve: {why}")
+    for options, what in SINGLE.items():
+        value = _option_value(vllm_args, *options)
+        if value is not None and value.strip() != "1":
+            raise UserError(f"option {options[0]} {value}: serve does not support {what} (use 1)")
     d = decompose(str(recipe_path), trust_remote_code=_option_given(vllm_args, "--trust-remote-code"))
     argv = [sys.executable, "-m", SERVER_MODULE, "--model", d.base_path,
             "--worker-extension-cls", WORKER_EXTENSION]
