@@ -22,6 +22,43 @@ from mergekit_rlvr.methods.common import MergeInputError, check_finite, check_sh
 
 Triple = Tuple[str, torch.Tensor, List[torch.Tensor]]
 
+_in_use = threading.Event()
+
+
+def in_use() -> bool:
+    """True once mergekit has planned or run a merge with one of our methods."""
+    return _in_use.is_set()
+
+
+def checked(name: str, check: Optional[Callable[[float], float]] = None, kind: type = float):
+    """A parameter type whose validation (at mergekit's planning, before anything is
+    read or written) names the parameter: ``density must be in (0, 1], got 1.5``."""
+    from pydantic import BeforeValidator
+    from typing_extensions import Annotated
+
+    def validate(value):
+        if isinstance(value, bool) or value is None:
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        try:
+            number = kind(value) if kind is float else int(str(value), 10)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a{'n integer' if kind is int else ' number'}, got {value!r}") from None
+        return check(number) if check is not None else number
+
+    return Annotated[kind, BeforeValidator(validate)]
+
+
+def choice(name: str, options: Sequence[str]):
+    from pydantic import BeforeValidator
+    from typing_extensions import Annotated
+
+    def validate(value):
+        if value not in options:
+            raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+        return value
+
+    return Annotated[str, BeforeValidator(validate)]
+
 
 def label(model_id: Hashable) -> str:
     return str(model_id)
@@ -54,7 +91,12 @@ def stream_checkpoints(base_id, model_ids: Sequence, dtype: torch.dtype, desc: s
     base_loader = cache.get(base_id)
     loaders = [cache.get(m) for m in model_ids]
     names = list(base_loader.index.tensor_paths)
-    for name in tqdm(names, desc=desc, leave=False):
+    with tqdm(names, desc=desc, leave=False) as progress:
+        yield from _checked_triples(progress, base_id, base_loader, model_ids, loaders, dtype)
+
+
+def _checked_triples(names, base_id, base_loader, model_ids, loaders, dtype) -> Iterator[Triple]:
+    for name in names:
         base = base_loader.get_tensor(name)
         if not base.is_floating_point():
             continue
@@ -102,6 +144,10 @@ class PreparedMergeMethod(GroupMergeMethod):
         raise NotImplementedError
 
     # -- mergekit interface -------------------------------------------------
+    def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
+        _in_use.set()
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
+
     def merge_group(self, group: TensorGroup, /, **parameters) -> torch.Tensor:
         context = self._context([group], [parameters], [None])
         check_group(group)

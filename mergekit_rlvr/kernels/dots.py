@@ -14,10 +14,11 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_rlvr.kernels.base import PreparedMergeMethod, label
+from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked, choice, label
 from mergekit_rlvr.methods.common import combine
 from mergekit_rlvr.methods.dots import (
     DEFAULT_DENSITY,
+    RESCALE_MODES,
     check_density,
     check_rescale,
     dots_stats,
@@ -32,9 +33,10 @@ class DotsMerge(PreparedMergeMethod):
         reference_url="https://arxiv.org/abs/2605.00610",
         contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
         parameters=(
-            ParameterSpec("weight", float, ParameterScope.NON_BASE),
-            ParameterSpec("density", float, ParameterScope.NON_BASE, default=DEFAULT_DENSITY),
-            ParameterSpec("rescale", str, ParameterScope.SHARED, default="global"),
+            ParameterSpec("weight", checked("weight"), ParameterScope.NON_BASE),
+            ParameterSpec("density", checked("density", check_density), ParameterScope.NON_BASE,
+                          default=DEFAULT_DENSITY),
+            ParameterSpec("rescale", choice("rescale", RESCALE_MODES), ParameterScope.SHARED, default="global"),
         ),
     )
 

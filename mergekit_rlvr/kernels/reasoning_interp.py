@@ -12,7 +12,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_rlvr.kernels.base import PreparedMergeMethod
+from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked
 from mergekit_rlvr.methods.common import combine
 from mergekit_rlvr.methods.reasoning_interp import DEFAULT_ALPHA, check_alpha, interp_vector
 
@@ -22,7 +22,9 @@ class ReasoningInterpMerge(PreparedMergeMethod):
         name="reasoning_interp",
         pretty_name="Reasoning interpolation (reasoning model and its SFT variant)",
         contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2, min_non_base=1, max_non_base=1),
-        parameters=(ParameterSpec("alpha", float, ParameterScope.SHARED, default=DEFAULT_ALPHA),),
+        parameters=(
+            ParameterSpec("alpha", checked("alpha", check_alpha), ParameterScope.SHARED, default=DEFAULT_ALPHA),
+        ),
     )
 
     def prepare(self, triples, parameters):

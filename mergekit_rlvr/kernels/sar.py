@@ -16,7 +16,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_rlvr.io.fisher import fisher_store
-from mergekit_rlvr.kernels.base import PreparedMergeMethod, label
+from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked, label
 from mergekit_rlvr.methods.common import combine
 from mergekit_rlvr.methods.sar import (
     DEFAULT_DROP_RATE,
@@ -37,10 +37,12 @@ class SarMerge(PreparedMergeMethod):
         contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
         parameters=(
             ParameterSpec("fisher", Optional[str], ParameterScope.NON_BASE, default=None),
-            ParameterSpec("drop_rate", float, ParameterScope.SHARED, default=DEFAULT_DROP_RATE),
-            ParameterSpec("scale", float, ParameterScope.SHARED, default=1.0),
-            ParameterSpec("seed", int, ParameterScope.SHARED, default=0),
-            ParameterSpec("epsilon", float, ParameterScope.SHARED, default=DEFAULT_EPSILON),
+            ParameterSpec("drop_rate", checked("drop_rate", check_drop_rate), ParameterScope.SHARED,
+                          default=DEFAULT_DROP_RATE),
+            ParameterSpec("scale", checked("scale"), ParameterScope.SHARED, default=1.0),
+            ParameterSpec("seed", checked("seed", kind=int), ParameterScope.SHARED, default=0),
+            ParameterSpec("epsilon", checked("epsilon", check_epsilon), ParameterScope.SHARED,
+                          default=DEFAULT_EPSILON),
         ),
     )
 
