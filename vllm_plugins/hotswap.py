@@ -61,6 +61,31 @@ class HotSwapLLM:
             self._values = values
         return self
 
+    def load_recipe(self, recipe, *, paths: str = "auto", coefficients=None) -> List[Dict[str, Any]]:
+        """Switch this engine to another recipe on the same base model (its vectors
+        replace the current ones; its coefficients, or ``coefficients``, are applied)."""
+        import os
+
+        from mergekit_rlvr.decompose import coefficient_names_of, decompose, load_recipe
+        from mergekit_rlvr.errors import UserError
+
+        from vllm_plugins.spec import load_spec
+
+        data = load_recipe(recipe)
+        names = coefficient_names_of(data)
+        d = decompose(data)
+        if os.path.realpath(d.base_path) != os.path.realpath(self._d.base_path):
+            raise UserError(f"recipe base_model {d.base_path} is not this engine's base {self._d.base_path}")
+        d.prepare()
+        values = None if coefficients is None else d.check_coefficients(_by_position(names, names, coefficients))
+        reports = self._rpc("hotswap_load", load_spec(data, values, paths=paths))
+        self.llm.reset_prefix_cache()
+        self._d, self._names = d, list(names)
+        self._values = list(d.coefficients) if values is None else values
+        self.version += 1
+        self.load_reports = reports
+        return reports
+
     # -- coefficients --------------------------------------------------------------
     @property
     def method(self) -> str:

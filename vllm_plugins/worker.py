@@ -222,6 +222,8 @@ class HotSwapWorkerExtension:
                     state.paths[pname] = "inplace"
         if pending:  # a parameter whose checkpoint tensors were not all planned: cannot happen with mergekit plans
             raise RuntimeError(f"hot-swap: incomplete parameters {sorted(pending)}")
+        if self._hotswap is not None:
+            state.version = self._hotswap.version
         self._hotswap = state
         state.load_seconds = time.perf_counter() - start
         report = self.hotswap_state()
@@ -232,7 +234,9 @@ class HotSwapWorkerExtension:
         for pname, path in sorted(state.paths.items()):
             LOG.info("hot-swap path %s: %s", pname, path)
         coefficients = spec.get("coefficients")
-        report["set"] = self.hotswap_set(list(d.coefficients) if coefficients is None else list(coefficients))
+        timing = self.hotswap_set(list(d.coefficients) if coefficients is None else list(coefficients))
+        report = self.hotswap_state()
+        report["set"] = timing
         return report
 
     def hotswap_set(self, coefficients: List[float]) -> Dict[str, Any]:
