@@ -70,26 +70,45 @@ class DeltaChunk:
 
     delta: torch.Tensor  # float32, 1-D
     magnitude: torch.Tensor  # |delta|
-    updated: torch.Tensor  # |delta| > epsilon
-    changed: torch.Tensor  # |delta| > eta * max(|theta_model|, |theta_base|)
-    negative: torch.Tensor  # delta < 0
+    updated: Optional[torch.Tensor] = None  # |delta| > epsilon
+    changed: Optional[torch.Tensor] = None  # |delta| > eta * max(|theta_model|, |theta_base|)
+    n_updated: int = 0
+    n_changed: int = 0
 
 
-def delta_chunk(model: torch.Tensor, base: torch.Tensor, epsilon: float, eta: float) -> DeltaChunk:
-    """Delta = theta_model - theta_base in float32 (via ``task_vector``) and its masks."""
-    delta = task_vector(model.reshape(-1), base.reshape(-1)).to(torch.float32)
-    magnitude = delta.abs()
-    scale = torch.maximum(model.reshape(-1).abs().to(torch.float32), base.reshape(-1).abs().to(torch.float32))
-    changed = magnitude > scale.mul_(eta)
-    return DeltaChunk(delta, magnitude, magnitude > epsilon, changed, delta < 0)
+def delta_chunks(models: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float, eta: float,
+                 masks: str = "all") -> List[DeltaChunk]:
+    """Delta = theta_model - theta_base in float32 (via ``task_vector``) for each model
+    on one chunk; ``masks``: "none" (magnitudes only), "updated" or "all"."""
+    base32 = base.reshape(-1).to(torch.float32)
+    base_abs = base32.abs() if masks == "all" else None
+    out = []
+    for model in models:
+        model32 = model.reshape(-1).to(torch.float32)
+        delta = task_vector(model32, base32).to(torch.float32)
+        magnitude = delta.abs()
+        chunk = DeltaChunk(delta, magnitude)
+        if masks != "none":
+            chunk.updated = magnitude > epsilon
+            chunk.n_updated = _count(chunk.updated)
+        if masks == "all":
+            scale = model32.abs()
+            torch.maximum(scale, base_abs, out=scale)
+            chunk.changed = magnitude > scale.mul_(eta)
+            chunk.n_changed = _count(chunk.changed)
+        out.append(chunk)
+    return out
+
+
+def opposite(a: DeltaChunk, b: DeltaChunk) -> torch.Tensor:
+    """Opposite signs (meaningful where both are updated, hence non-zero); sign bits,
+    not the product, so that tiny entries cannot underflow to a zero product."""
+    return torch.signbit(a.delta).logical_xor_(torch.signbit(b.delta))
 
 
 def _sq(x: torch.Tensor) -> float:
-    return float(torch.dot(x.double(), x.double())) if x.numel() else 0.0
-
-
-def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
-    return float(torch.dot(x.double(), y.double())) if x.numel() else 0.0
+    """Sum of squares (float32 cascade reduction, returned as a Python float)."""
+    return float(torch.linalg.vector_norm(x)) ** 2 if x.numel() else 0.0
 
 
 def _count(mask: torch.Tensor) -> int:
@@ -122,8 +141,8 @@ class VectorStats:
         s = _sq(chunk.delta)
         self.parameters += n
         self.sumsq += s
-        self.updated += _count(chunk.updated)
-        self.changed += _count(chunk.changed)
+        self.updated += chunk.n_updated
+        self.changed += chunk.n_changed
         layer = layer_index(name)
         if layer is not None:
             self.layer_sumsq[layer] = self.layer_sumsq.get(layer, 0.0) + s
@@ -151,19 +170,22 @@ class PairStats:
 
     def add(self, name: str, a: DeltaChunk, b: DeltaChunk) -> None:
         self.parameters += a.delta.numel()
-        d = _dot(a.delta, b.delta)
+        product = a.delta * b.delta  # Eq. 9 of paper 002
+        d = float(product.sum()) if product.numel() else 0.0
         self.dot += d
         layer = layer_index(name)
         if layer is not None:
             self.layer_dot[layer] = self.layer_dot.get(layer, 0.0) + d
         both = a.updated & b.updated
-        self.overlap += _count(both)
-        self.conflict += _count(both & (a.negative ^ b.negative))
-        self.private += _count(a.updated ^ b.updated)
-        self.changed_both += _count(a.changed & b.changed)
-        self.changed_either += _count(a.changed | b.changed)
-        # Eq. 9-10 of paper 002: the negative entries of Delta_a * Delta_b
-        self.conflict_sumsq += _sq(torch.clamp_max(a.delta * b.delta, 0.0))
+        overlap = _count(both)
+        self.overlap += overlap
+        self.conflict += _count(both.logical_and_(opposite(a, b)))
+        self.private += a.n_updated + b.n_updated - 2 * overlap
+        inter = _count(a.changed & b.changed)
+        self.changed_both += inter
+        self.changed_either += a.n_changed + b.n_changed - inter
+        # Eq. 10: L2 norm of the negative entries of the product
+        self.conflict_sumsq += _sq(product.clamp_(max=0.0))
 
 
 # ----------------------------------------------------------------- thresholds
@@ -244,7 +266,7 @@ class Thresholds:
     def passed(self, magnitude: torch.Tensor) -> torch.Tensor:
         """Per entry, how many thresholds t have |Delta| >= t (kept at threshold j
         iff the count exceeds j)."""
-        return torch.bucketize(magnitude, self.values, right=True)
+        return torch.bucketize(magnitude, self.values, right=True, out_int32=True)
 
 
 @dataclass
@@ -272,9 +294,12 @@ class DensityConflictStats:
         self.counts = torch.zeros(3 * self.size, dtype=torch.int64)
 
     def add(self, a: DeltaChunk, b: DeltaChunk, passed_a: torch.Tensor, passed_b: torch.Tensor) -> None:
-        both = (a.updated & b.updated).to(torch.int64)
-        category = both + (both.bool() & (a.negative ^ b.negative)).to(torch.int64)  # 0, 1 agree, 2 conflict
-        code = category * self.size + passed_a.to(torch.int64) * self.width + passed_b.to(torch.int64)
+        both = a.updated & b.updated
+        category = both.to(torch.int32)  # 0 not co-updated, 1 agree, 2 conflict
+        category += both.logical_and_(opposite(a, b))
+        code = passed_a.to(torch.int32) * self.width
+        code += passed_b
+        code += category.mul_(self.size)
         self.counts += torch.bincount(code, minlength=3 * self.size)
 
     def rate(self, slot_a: int, slot_b: int) -> Tuple[int, int]:

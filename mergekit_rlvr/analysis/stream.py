@@ -12,6 +12,7 @@ exactly; pass 3 the counts that depend on them (see ``stats``).
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -26,8 +27,67 @@ from mergekit_rlvr.errors import UserError
 CHUNK_ENTRIES = 1 << 22
 
 
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _TORCH_DTYPES[_name] = getattr(torch, _attr)
+
+
+class SafetensorsFile:
+    """A safetensors file read with ``pread`` (no mmap): a row slice costs one read of
+    its bytes, and memory holds only what was read."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        head = os.pread(self.fd, 8, 0)
+        if len(head) != 8:
+            raise ValueError("file shorter than a safetensors header")
+        size = int.from_bytes(head, "little")
+        if size > 100_000_000:
+            raise ValueError(f"implausible header size {size}")
+        header = json.loads(os.pread(self.fd, size, 8))
+        header.pop("__metadata__", None)
+        self.data_start = 8 + size
+        self.entries = header
+
+    def __del__(self):
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name]["dtype"]
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        entry = self.entries[name]
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        shape = entry["shape"]
+        begin, end = entry["data_offsets"]
+        rows = shape[0] if shape else 1
+        row_bytes = (end - begin) // max(rows, 1)
+        count = (stop - start) * row_bytes
+        buffer = torch.empty(count, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        got = 0
+        while got < count:
+            n = os.preadv(self.fd, [view[got:]], self.data_start + begin + start * row_bytes + got)
+            if n <= 0:
+                raise OSError(f"{self.path}: unexpected end of file in tensor {name}")
+            got += n
+        out = buffer.view(dtype)
+        return out.reshape(shape) if not shape else out.reshape(stop - start, *shape[1:])
+
+
 class Source:
-    """One checkpoint: tensor name -> (safetensors file, shape, dtype), read in slices."""
+    """One checkpoint: tensor name -> safetensors file, read in row slices."""
 
     def __init__(self, arg: str):
         self.arg = arg
@@ -40,40 +100,37 @@ class Source:
             raise UserError(f"model {arg}: no readable checkpoint at {path} ({error})") from None
         if not index.is_safetensors:
             raise UserError(f"model {arg}: only safetensors checkpoints can be streamed (found pytorch .bin files)")
-        from safetensors import safe_open
-
-        self._handles = {}
-        self.where: Dict[str, str] = {}
+        self._files: Dict[str, SafetensorsFile] = {}
+        self.where: Dict[str, SafetensorsFile] = {}
         for name, shard in index.tensor_paths.items():
             file = os.path.join(index.base_path, shard)
-            if file not in self._handles:
+            if file not in self._files:
                 try:
-                    self._handles[file] = safe_open(file, framework="pt")
-                except Exception as error:  # safetensors raises several kinds
+                    self._files[file] = SafetensorsFile(file)
+                except (OSError, ValueError) as error:
                     raise UserError(f"model {arg}: {file} is not a readable safetensors file: {error}") from None
-            self.where[name] = file
-        self.order = {file: i for i, file in enumerate(sorted(self._handles))}
+            if name not in self._files[file].entries:
+                raise UserError(f"model {arg}: tensor {name} is listed in the index but not in {file}")
+            self.where[name] = self._files[file]
+        self.order = {file: i for i, file in enumerate(sorted(self._files))}
 
     def names(self) -> List[str]:
-        """Tensor names in file order (one shard after the other)."""
-        return sorted(self.where, key=lambda n: (self.order[self.where[n]], n))
-
-    def _slice(self, name: str):
-        try:
-            return self._handles[self.where[name]].get_slice(name)
-        except Exception as error:
-            raise UserError(f"model {self.arg}: tensor {name} is listed but unreadable in {self.where[name]}: {error}") from None
+        """Tensor names in file order (one shard after the other, by offset)."""
+        return sorted(self.where, key=lambda n: (self.order[self.where[n].path],
+                                                 self.where[n].entries[n]["data_offsets"][0]))
 
     def shape(self, name: str) -> Tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return self.where[name].shape(name)
 
     def dtype(self, name: str) -> str:
-        return str(self._slice(name).get_dtype())
+        return self.where[name].dtype(name)
 
     def read(self, name: str, start: int, stop: int, scalar: bool) -> torch.Tensor:
-        if scalar:
-            return self._handles[self.where[name]].get_tensor(name)
-        return self._slice(name)[start:stop]
+        file = self.where[name]
+        try:
+            return file.read_rows(name, 0, 1) if scalar else file.read_rows(name, start, stop)
+        except (OSError, KeyError, RuntimeError) as error:
+            raise UserError(f"model {self.arg}: tensor {name} is unreadable in {file.path}: {error}") from None
 
 
 def resolve(arg: str) -> str:
@@ -189,17 +246,17 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
     count = len(models)
     pairs = list(itertools.combinations(range(count), 2))
 
-    def deltas(name, b, ms, check):
+    def deltas(name, b, ms, masks, check=False):
         if check:
             _check_finite(name, [b, *ms], [base_arg, *args])
-        return [S.delta_chunk(m, b, epsilon, eta) for m in ms]
+        return S.delta_chunks(ms, b, epsilon, eta, masks)
 
     # pass 1
     vectors = [S.VectorStats() for _ in range(count)]
     pair_stats = {p: S.PairStats() for p in pairs}
     with _progress(total, "analyze 1/3", progress) as bar:
         for name, b, ms in chunks(todo, base, models, chunk_entries):
-            ds = deltas(name, b, ms, True)
+            ds = deltas(name, b, ms, "all", check=True)
             for v, d in zip(vectors, ds):
                 v.add(name, d)
             for (i, j), st in pair_stats.items():
@@ -214,7 +271,7 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
     if any(f.bins for f in fines):
         with _progress(total, "analyze 2/3", progress) as bar:
             for name, b, ms in chunks(todo, base, models, chunk_entries):
-                for f, d in zip(fines, deltas(name, b, ms, False)):
+                for f, d in zip(fines, deltas(name, b, ms, "none")):
                     f.add(d)
                 bar.update(b.numel())
     thresholds = []
@@ -230,7 +287,7 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
                  for i, j in pairs}
     with _progress(total, "analyze 3/3", progress) as bar:
         for name, b, ms in chunks(todo, base, models, chunk_entries):
-            ds = deltas(name, b, ms, False)
+            ds = deltas(name, b, ms, "updated")
             passed = [t.passed(d.magnitude) for t, d in zip(thresholds, ds)]
             for st, p in zip(tops, passed):
                 st.add(name, p)
@@ -275,11 +332,15 @@ def assemble(base_arg, args, todo, vectors, pair_stats, thresholds, tops, confli
         pa, pb = a.changed / n, b.changed / n
         random = pa * pb / (pa + pb - pa * pb) if (pa + pb - pa * pb) > 0 else None
         layers = sorted(set(a.layer_sumsq) & set(b.layer_sumsq))
-        by_density, kept_counts = {}, {}
+        by_density, kept_counts, a_sparsified, b_sparsified = {}, {}, {}, {}
+        ti, tj = thresholds[i].index, thresholds[j].index
         for d in settings["densities"]:
-            kept, conflict = conflicts[(i, j)].rate(thresholds[i].index[d], thresholds[j].index[d])
+            kept, conflict = conflicts[(i, j)].rate(ti[d], tj[d])
             by_density[str(d)] = _ratio(conflict, kept)
             kept_counts[str(d)] = kept
+            # paper 000 Fig. 1b: one vector at density d, the other at its top --top
+            a_sparsified[str(d)] = _ratio(*reversed(conflicts[(i, j)].rate(ti[d], tj[top])))
+            b_sparsified[str(d)] = _ratio(*reversed(conflicts[(i, j)].rate(ti[top], tj[d])))
         out_pairs.append({
             "a": args[i],
             "b": args[j],
@@ -301,6 +362,8 @@ def assemble(base_arg, args, todo, vectors, pair_stats, thresholds, tops, confli
             "sign_conflict_by_density": by_density,
             # extras
             "co_updated_by_density": kept_counts,
+            "sign_conflict_a_sparsified": a_sparsified,
+            "sign_conflict_b_sparsified": b_sparsified,
         })
     return {
         "base": base_arg,

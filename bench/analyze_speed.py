@@ -1,0 +1,172 @@
+"""Speed and memory of `mergekit-rlvr analyze` on generated models of >= 1 GB each.
+
+Writes a base and two models (bf16 safetensors of random tensors with Llama-like
+names: a dense "sft" update and a sparse "rl" update), then, in one run and each in
+its own child process:
+
+  read     - only reads every tensor of the three checkpoints (the same row slices)
+  analyze  - the full three-pass analysis (report dictionary, no files)
+
+and prints seconds, throughput (model parameters per second), the analysis/read
+ratio, and each child's peak RSS above its RSS after imports, against the model
+size and the largest tensor (float32).
+
+    .venv/bin/python bench/analyze_speed.py [--layers 9] [--dir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+HIDDEN, INTER, VOCAB = 2048, 5632, 32000
+
+
+def shapes(layers: int):
+    out = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out.update({
+            p + "input_layernorm.weight": (HIDDEN,),
+            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+            p + "self_attn.k_proj.weight": (HIDDEN // 4, HIDDEN),
+            p + "self_attn.v_proj.weight": (HIDDEN // 4, HIDDEN),
+            p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+            p + "post_attention_layernorm.weight": (HIDDEN,),
+            p + "mlp.gate_proj.weight": (INTER, HIDDEN),
+            p + "mlp.up_proj.weight": (INTER, HIDDEN),
+            p + "mlp.down_proj.weight": (HIDDEN, INTER),
+        })
+    out["model.norm.weight"] = (HIDDEN,)
+    out["lm_head.weight"] = (VOCAB, HIDDEN)
+    return out
+
+
+def write_streaming(path: str, tensors, names_shapes) -> None:
+    """A bf16 safetensors file written tensor by tensor (header first), so that
+    generating it holds one tensor in memory."""
+    header, offset = {}, 0
+    for name, shape in names_shapes.items():
+        size = 2 * int(__import__("math").prod(shape))
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path + ".tmp", "wb") as handle:
+        handle.write(struct.pack("<Q", len(blob)))
+        handle.write(blob)
+        for name, tensor in tensors:
+            handle.write(tensor.contiguous().view(__import__("torch").int16).numpy().tobytes())
+    os.replace(path + ".tmp", path)
+
+
+def generate(root: str, layers: int) -> dict:
+    import torch
+
+    layout = shapes(layers)
+    paths = {k: os.path.join(root, k) for k in ("base", "sft", "rl")}
+    if all(os.path.exists(os.path.join(p, "model.safetensors")) for p in paths.values()):
+        return paths
+    for p in paths.values():
+        os.makedirs(p, exist_ok=True)
+
+    def stream(kind):
+        g = torch.Generator().manual_seed(0)
+        for name, shape in layout.items():
+            base = torch.randn(shape, generator=g) * 0.02
+            if name.endswith("norm.weight"):
+                base += 1.0
+            if kind == "base":
+                yield name, base.to(torch.bfloat16)
+                continue
+            h = torch.Generator().manual_seed(zlib.crc32(f"{kind}:{name}".encode()))
+            if kind == "sft":
+                delta = torch.randn(shape, generator=h) * 0.002
+            else:
+                delta = torch.randn(shape, generator=h) * 0.0002 * (torch.rand(shape, generator=h) < 0.3)
+            yield name, (base + delta).to(torch.bfloat16)
+
+    for kind, path in paths.items():
+        write_streaming(os.path.join(path, "model.safetensors"), stream(kind), layout)
+    return paths
+
+
+CHILD = r"""
+import json, resource, sys, time
+mode, base, models = sys.argv[1], sys.argv[2], sys.argv[3:]
+import torch
+from mergekit_rlvr.analysis import stream as S
+def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+after_import = rss()
+start = time.perf_counter()
+if mode == "read":
+    b = S.Source(base); ms = [S.Source(m) for m in models]
+    plan = S.plan(b, ms)
+    n = 0
+    for name, bt, mts in S.chunks(plan, b, ms):
+        n += bt.numel()
+    result = {"parameters": n}
+else:
+    report = S.analyze(base, models, progress=False)
+    result = {"parameters": report["parameters"], "norm_ratio": report["pairs"][0]["norm_ratio"],
+              "sign_conflict": report["pairs"][0]["sign_conflict"]}
+result.update(seconds=time.perf_counter() - start, rss_after_import=after_import, peak_rss=rss())
+print(json.dumps(result))
+"""
+
+
+def child(mode: str, paths: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode, paths["base"], paths["sft"], paths["rl"]],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=9, help="decoder layers (9 -> 1.07 GB per model in bf16)")
+    parser.add_argument("--dir", default=None, help="where to write the models (default: a temporary directory)")
+    parser.add_argument("--keep", action="store_true", help="keep the generated models")
+    args = parser.parse_args()
+    root = args.dir or tempfile.mkdtemp(prefix="analyze-bench-")
+    try:
+        t0 = time.perf_counter()
+        paths = generate(root, args.layers)
+        size = os.path.getsize(os.path.join(paths["sft"], "model.safetensors"))
+        layout = shapes(args.layers)
+        largest = max(int(__import__("math").prod(s)) for s in layout.values())
+        print(f"models: 3 x {size / 1e9:.2f} GB bf16 ({size // 2 / 1e6:.0f}M parameters each), "
+              f"generated in {time.perf_counter() - t0:.0f} s; largest tensor {largest / 1e6:.1f}M entries "
+              f"({4 * largest / 1e6:.0f} MB as float32)")
+        read = child("read", paths)
+        full = child("analyze", paths)
+        read_again = child("read", paths)  # page-cache state on both sides of the analysis
+        read_s = min(read["seconds"], read_again["seconds"])
+        n = full["parameters"]
+        print(f"read only : {read_s:7.2f} s  {n / read_s / 1e6:8.1f} M params/s "
+              f"(runs: {read['seconds']:.2f}, {read_again['seconds']:.2f} s)")
+        print(f"analyze   : {full['seconds']:7.2f} s  {n / full['seconds'] / 1e6:8.1f} M params/s  "
+              f"(3 passes; ratio analyze/read = {full['seconds'] / read_s:.2f}x, goal <= 2x)")
+        for name, r in (("read", read), ("analyze", full)):
+            extra = r["peak_rss"] - r["rss_after_import"]
+            print(f"peak RSS {name:8s}: {r['peak_rss'] / 1e6:7.0f} MB, {extra / 1e6:6.0f} MB above the "
+                  f"{r['rss_after_import'] / 1e6:.0f} MB after imports = {extra / size:.3f} x model size, "
+                  f"{extra / (4 * largest):.2f} x largest float32 tensor")
+        print(f"check: norm ratio sft/rl {full['norm_ratio']:.1f}, sign conflict {full['sign_conflict']:.3f}")
+    finally:
+        if not args.keep and not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
