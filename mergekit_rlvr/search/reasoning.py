@@ -118,12 +118,14 @@ def binary_search(
     bounds: Tuple[float, float],
     rho_min: float,
     max_steps: int = 8,
+    full_rate: float = 1.0,
 ) -> Dict[float, float]:
     """The paper's binary search (Sec. 3, Optimizations): reasoning falls monotonically
     with alpha and the lower bound (the reasoning model) is taken to reason. The upper
     bound is tried first; then bisection keeps (good, bad) with rate(good) >= rho_min
     > rate(bad), stopping after ``max_steps`` evaluations in all or at once on a rate in
-    [rho_min, 1). Returns alpha -> rate of the evaluated points; the answer is the
+    [rho_min, 1) (``full_rate`` stands for 1: an expected rate from logits is never
+    exactly 1, so the search passes 0.999 for ``detect: logit``). Returns alpha -> rate of the evaluated points; the answer is the
     largest evaluated alpha with rate >= rho_min (the lower bound if none)."""
     lo, hi = bounds
     rates: Dict[float, float] = {}
@@ -134,7 +136,7 @@ def binary_search(
     while len(rates) < max_steps:
         mid = (good + bad) / 2.0
         rate = rates[mid] = evaluate(mid)
-        if rho_min <= rate < 1.0:
+        if rho_min <= rate < full_rate:
             break
         if rate >= rho_min:
             good = mid

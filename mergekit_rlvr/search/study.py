@@ -39,13 +39,19 @@ def open_storage(url: str):
     if "://" not in url:
         raise UserError(f"--storage {url}: expected an Optuna storage URL such as sqlite:///path/study.db")
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S)
-    except Exception as error:  # noqa: BLE001 - a bad URL or unreachable database is one line
-        raise UserError(f"--storage {url}: cannot open it ({str(error).splitlines()[0]})")
+    last = None
+    for attempt in range(5):  # processes starting together race to create the tables
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=GRACE_S)
+        except Exception as error:  # noqa: BLE001 - a bad URL or unreachable database is one line
+            last = error
+            if type(error).__name__ not in ("OperationalError", "IntegrityError"):
+                break
+            time.sleep(0.3 * (attempt + 1))
+    raise UserError(f"--storage {url}: cannot open it ({str(last).splitlines()[0]})")
 
 
 def make_sampler(settings: SearchSettings, seed: int):
@@ -229,4 +235,5 @@ def run_reasoning(study, evaluator: Evaluator, settings: SearchSettings, name: s
 
     if settings.strategy == "grid":
         return grid_search(evaluate, settings.bounds, settings.grid)
-    return binary_search(evaluate, settings.bounds, settings.rho_min, settings.max_steps)
+    full_rate = 0.999 if settings.detect == "logit" else 1.0
+    return binary_search(evaluate, settings.bounds, settings.rho_min, settings.max_steps, full_rate)
