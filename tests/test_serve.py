@@ -123,9 +123,10 @@ def post_merge(server, body, headers=AUTH):
     return requests.post(server.url + "/v1/merge", data=data, headers=headers, timeout=REQUEST_TIMEOUT)
 
 
-def stream_generate(server, token_ids, max_tokens=GEN_TOKENS) -> dict:
+def stream_generate(server, token_ids, max_tokens=GEN_TOKENS, started: threading.Event | None = None) -> dict:
     """Greedy streamed generation through the token API: tokens, their logprobs,
-    the header version, the engine's weight-version spans, any error."""
+    the header version, the engine's weight-version spans, any error. ``started``
+    is set once the first tokens arrived."""
     body = {"token_ids": token_ids, "stream": True,
             "sampling_params": {"max_tokens": max_tokens, "temperature": 0, "logprobs": 0,
                                 "ignore_eos": True}}
@@ -148,6 +149,8 @@ def stream_generate(server, token_ids, max_tokens=GEN_TOKENS) -> dict:
                 continue
             choice = event["choices"][0]
             out["tokens"] += choice["token_ids"]
+            if started is not None:
+                started.set()
             out["logprobs"] += [entry["logprob"] for entry in choice["logprobs"]["content"]]
             if choice.get("weight_versions") is not None:
                 out["spans"] = choice["weight_versions"]
@@ -321,20 +324,20 @@ def test_drain_false_aborts_in_flight_requests_with_a_clear_error(server, tiny_f
     version = get_merge(server).json()["version"]
     before = get_merge(server).json()["coefficients"]
     model = served_model(server)
-    results = {}
+    results, started = {}, threading.Event()
 
     def long_stream():
-        results["stream"] = stream_generate(server, PROMPTS[1], max_tokens=200)
+        results["stream"] = stream_generate(server, PROMPTS[1], max_tokens=240, started=started)
 
     def long_plain():
-        body = {"model": model, "prompt": "abc", "max_tokens": 200, "ignore_eos": True}
+        body = {"model": model, "prompt": "abc", "max_tokens": 240, "ignore_eos": True}
         results["plain"] = requests.post(server.url + "/v1/completions", json=body, headers=AUTH,
                                          timeout=REQUEST_TIMEOUT)
 
     threads = [threading.Thread(target=long_stream), threading.Thread(target=long_plain)]
     for thread in threads:
         thread.start()
-    time.sleep(1.0)
+    assert started.wait(REQUEST_TIMEOUT)
     response = post_merge(server, {"coefficients": {rl: 0.25}, "drain": False})
     for thread in threads:
         thread.join(timeout=REQUEST_TIMEOUT)
@@ -346,7 +349,7 @@ def test_drain_false_aborts_in_flight_requests_with_a_clear_error(server, tiny_f
 
     stream = results["stream"]
     assert stream["status"] == 200 and stream["version"] == str(version)
-    assert 0 < len(stream["tokens"]) < 200, stream  # cut short, only old-version tokens
+    assert 0 < len(stream["tokens"]) < 240, stream  # cut short, only old-version tokens
     assert stream["error"]["code"] == 503
     assert f"swapped to version {version + 1} with drain=false" in stream["error"]["message"]
     plain = results["plain"]
@@ -356,6 +359,28 @@ def test_drain_false_aborts_in_flight_requests_with_a_clear_error(server, tiny_f
 
     after = stream_generate(server, PROMPTS[1], max_tokens=4)
     assert after["version"] == str(version + 1) and after["error"] is None
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_drain_timeout_reports_503_and_changes_nothing(server, tiny_family):
+    before = get_merge(server).json()
+    results, started = {}, threading.Event()
+
+    def long_stream():
+        results["stream"] = stream_generate(server, PROMPTS[2], max_tokens=240, started=started)
+
+    thread = threading.Thread(target=long_stream)
+    thread.start()
+    assert started.wait(REQUEST_TIMEOUT)
+    response = post_merge(server, {"coefficients": {tiny_family["rl"]: 3.0}, "timeout": 0.1})
+    thread.join(timeout=REQUEST_TIMEOUT)
+    assert response.status_code == 503, response.text
+    assert "did not finish within 0.1 s" in response.json()["error"]["message"]
+    assert get_merge(server).json() == before
+    stream = results["stream"]  # the in-flight request was not disturbed
+    assert stream["error"] is None and len(stream["tokens"]) == 240
+    assert stream["spans"] == [{"version": str(before["version"]), "start": 0, "end": 240}]
 
 
 # ----------------------------------------------------------------------------- no engine
