@@ -163,12 +163,14 @@ def plot(report: dict, out_dir: str) -> None:
         ys = [p["sign_conflict_by_density"][str(d)] for d in xs]
         ax.plot(xs, [float("nan") if y is None else 100 * y for y in ys], marker="o",
                 label=f"{_label(p['a'])} & {_label(p['b'])}")
-    ax.set(xlabel="kept share (top k of each vector)", ylabel="sign conflict (%)", title="Sign conflict by density")
+    ax.set(xlabel="kept share (global top k of each vector)", ylabel="sign conflict among co-updated (%)",
+           title="Sign conflict by density")
+    ax.set_ylim(bottom=0)
     if report["pairs"]:
         ax.legend()
     save(fig, "sign_conflict_by_density.png")
 
-    fig, ax = plt.subplots(figsize=(6, 1 + 0.6 * max(1, len(report["pairs"]))))
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * max(1, len(report["pairs"]))))
     names = [f"{_label(p['a'])} & {_label(p['b'])}" for p in report["pairs"]]
     left = [0.0] * len(names)
     for key, color in (("conflict", "tab:red"), ("agree", "tab:orange"), ("private", "tab:blue"),
@@ -179,7 +181,7 @@ def plot(report: dict, out_dir: str) -> None:
         left = [l_ + w for l_, w in zip(left, widths)]
     ax.set(xlabel="share of all entries (%)", title="Update regions")
     if names:
-        ax.legend(fontsize="small", loc="lower right")
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     save(fig, "regions.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))

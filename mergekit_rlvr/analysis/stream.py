@@ -211,6 +211,50 @@ def chunks(plan_: Plan, base: Source, models: Sequence[Source], chunk_entries: i
             yield name, base.read(name, start, stop, False), [m.read(name, start, stop, False) for m in models]
 
 
+def prefetch(iterator, depth: int = 2):
+    """Run ``iterator`` in a background thread, ``depth`` items ahead: file reads
+    (``pread`` releases the GIL) overlap the torch work on the previous chunk."""
+    import queue
+    import threading
+
+    items: "queue.Queue" = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put((done, None))
+        except BaseException as error:  # re-raised in the consumer
+            items.put((done, error))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item[0] is done:
+                if item[1] is not None:
+                    raise item[1]
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -255,7 +299,7 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
     vectors = [S.VectorStats() for _ in range(count)]
     pair_stats = {p: S.PairStats() for p in pairs}
     with _progress(total, "analyze 1/3", progress) as bar:
-        for name, b, ms in chunks(todo, base, models, chunk_entries):
+        for name, b, ms in prefetch(chunks(todo, base, models, chunk_entries)):
             ds = deltas(name, b, ms, "all", check=True)
             for v, d in zip(vectors, ds):
                 v.add(name, d)
@@ -270,7 +314,7 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
              for bs in boundaries]
     if any(f.bins for f in fines):
         with _progress(total, "analyze 2/3", progress) as bar:
-            for name, b, ms in chunks(todo, base, models, chunk_entries):
+            for name, b, ms in prefetch(chunks(todo, base, models, chunk_entries)):
                 for f, d in zip(fines, deltas(name, b, ms, "none")):
                     f.add(d)
                 bar.update(b.numel())
@@ -286,7 +330,7 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
     conflicts = {(i, j): S.DensityConflictStats(len(thresholds[i].values), len(thresholds[j].values))
                  for i, j in pairs}
     with _progress(total, "analyze 3/3", progress) as bar:
-        for name, b, ms in chunks(todo, base, models, chunk_entries):
+        for name, b, ms in prefetch(chunks(todo, base, models, chunk_entries)):
             ds = deltas(name, b, ms, "updated")
             passed = [t.passed(d.magnitude) for t, d in zip(thresholds, ds)]
             for st, p in zip(tops, passed):
