@@ -423,3 +423,66 @@ def test_serve_rejects_bad_input_in_one_line(tiny_family, tmp_path):
                               text=True, timeout=120, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- pure parts
+def test_alpha_range_is_checked_before_the_engine_sees_it():
+    from vllm_plugins.serving_merge import MergeRequestError, check_method_values, parse_swap_request
+
+    values, drain, timeout = parse_swap_request({"coefficients": {"alpha": 0.25}}, ["alpha"], [0.5])
+    assert (values, drain, timeout) == ([0.25], True, None)
+    check_method_values("reasoning_interp", ["alpha"], values)
+    with pytest.raises(MergeRequestError, match=r"alpha.*\[0, 1\]") as error:
+        check_method_values("reasoning_interp", ["alpha"], [1.5])
+    assert error.value.status == 400
+    check_method_values("sar", ["scale"], [7.0])  # sar's scale has no range
+
+
+def test_gate_admits_under_one_version_and_waits_for_in_flight_requests():
+    """Pure asyncio/ASGI: a request arriving during a swap waits and runs under the
+    new version; the swap starts only after the admitted request finished."""
+    import asyncio
+
+    from vllm_plugins.serving_gate import AdmissionGate, MergeVersionMiddleware
+
+    events = []
+
+    async def app(scope, receive, send):  # a streaming response in two parts
+        events.append(("app start", scope["path"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.sleep(0.05)
+        await send({"type": "http.response.body", "body": b"x", "more_body": False})
+        events.append(("app end", scope["path"]))
+
+    async def call(middleware, path):
+        sent = []
+
+        async def receive():
+            await asyncio.sleep(10)
+
+        async def send(message):
+            sent.append(message)
+
+        await middleware({"type": "http", "method": "POST", "path": path}, receive, send)
+        return dict(sent[0]["headers"])[b"x-merge-version"]
+
+    async def main():
+        gate = AdmissionGate()
+        middleware = MergeVersionMiddleware(app, gate)
+        first = asyncio.ensure_future(call(middleware, "/first"))
+        await asyncio.sleep(0.01)
+
+        async def swap():
+            async with gate.closed(drain=True, timeout=5, reason="test"):
+                events.append(("swap", gate.in_flight))
+                gate.version = 1
+
+        swapping = asyncio.ensure_future(swap())
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(call(middleware, "/second"))
+        return await first, await second, await swapping
+
+    first, second, _ = asyncio.run(main())
+    assert (first, second) == (b"0", b"1")
+    assert events == [("app start", "/first"), ("app end", "/first"), ("swap", 0),
+                      ("app start", "/second"), ("app end", "/second")]
