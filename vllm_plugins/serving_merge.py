@@ -10,8 +10,9 @@ A swap, serialized by a lock:
      cache; tag the engine's outputs with the new version (``update_weight_version``,
      reported per token by ``/inference/v1/generate``);
   5. resume the engine, reopen the gate under the new version.
-A worker that rejects the coefficients leaves its weights as they were (worker
-contract), so the version is not bumped and the error is reported.
+Input is validated here first (names, finite numbers, ranges), so the workers see
+only valid coefficients; a worker failure is reported as a 500 and the version is
+not bumped.
 """
 
 from __future__ import annotations
@@ -208,10 +209,12 @@ class MergeController:
                         try:
                             await self.engine.collective_rpc("hotswap_set", args=(values,))
                         except Exception as error:
-                            # The workers validate before touching weights; make sure they agree.
+                            # Input was validated above, so this is unexpected: report it
+                            # (one line) and log what the workers now hold.
                             await self._resync()
-                            status = 400 if "ValueError" in str(error) or isinstance(error, ValueError) else 500
-                            raise MergeRequestError(status, f"swap rejected: {_worker_error(error)}") from error
+                            raise MergeRequestError(
+                                500, f"swap failed in the workers: {_worker_error(error)}"
+                            ) from error
                         await self.engine.reset_prefix_cache()
                         await self.engine.update_weight_version(str(new_version))
                         self.values = values
