@@ -1,0 +1,151 @@
+"""The DoTS search and select-queries end to end on a real vLLM CPU engine
+(HotSwapLLM) with the tiny generated family: one engine for the module, few
+trials, queries and tokens. Reasoning rate: test_search_vllm_reasoning.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import yaml
+
+from conftest import load_state, mergekit_yaml, write_recipe
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+ENGINE = {"dtype": "float32", "max_model_len": 512, "kv_cache_memory_bytes": 2**26, "seed": 0}
+SEARCH = {"samples": 3, "max_tokens": 12, "temperature": 0.8, "engine": ENGINE}
+QUESTIONS = ["What is 1+1?", "Compute 2*3.", "What is 10-4?", "Half of 1?", "What is 7*8?", "Sum of 3 and 4?"]
+
+
+@pytest.fixture(scope="module")
+def recipe(tiny_family, tmp_path_factory):
+    path = tmp_path_factory.mktemp("search") / "recipe.yml"
+    return write_recipe(path, {
+        "merge_method": "dots",
+        "base_model": tiny_family["base"],
+        "models": [{"model": tiny_family["sft"], "parameters": {"weight": 1.0}},
+                   {"model": tiny_family["rl"], "parameters": {"weight": 1.0, "density": 0.3}}],
+        "parameters": {"density": 0.3},
+        "dtype": "float32",
+        "search": dict(SEARCH),
+    })
+
+
+@pytest.fixture(scope="module")
+def engine(recipe):
+    from vllm_plugins.hotswap import HotSwapLLM
+
+    from mergekit_rlvr.search.engine import close_engine
+
+    llm = HotSwapLLM.from_recipe(str(recipe), **ENGINE)
+    yield llm
+    close_engine(llm)
+
+
+@pytest.fixture
+def queries(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps({"prompt": q, "answer": "0"}) + "\n" for q in QUESTIONS[:4]))
+    return str(path)
+
+
+def opener(engine, calls):
+    def open_engine(recipe, kwargs):
+        calls.append(dict(kwargs))
+        return engine
+    return open_engine
+
+
+def test_dots_search_end_to_end_and_resume(engine, recipe, queries, tmp_path):
+    from mergekit_rlvr.search.runner import run_search
+
+    out, calls = tmp_path / "out", []
+    summary = run_search(str(recipe), queries, str(out), {"trials": 3}, open_engine=opener(engine, calls),
+                         progress=False)
+    assert calls == [ENGINE]  # the recipe's search.engine, one engine for the whole search
+    names = list(engine.coefficients)
+    with open(out / "trials.csv") as f:
+        first = list(csv.DictReader(f))
+    assert len(first) == 3 and list(first[0])[2:4] == names
+    for row in first:
+        assert 0.0 <= float(row["consistency"]) <= 1.0 and math.isfinite(float(row["perplexity"]))
+        assert all(0.0 <= float(row[n]) <= 2.0 for n in names)
+    assert summary["selected"]["trial"] in {p["trial"] for p in summary["pareto_front"]}
+
+    # resume with more trials: the finished three stay, two more run
+    summary = run_search(str(recipe), queries, str(out), {"trials": 5}, open_engine=opener(engine, calls),
+                         progress=False)
+    with open(out / "trials.csv") as f:
+        second = list(csv.DictReader(f))
+    assert len(second) == 5 and second[:3] == first  # same trials, same values, same timings
+    assert summary["timings"]["trials_this_run"] == 2
+
+    # best.yml: plain mergekit-yaml materializes exactly the selected coefficients
+    best = yaml.safe_load((out / "best.yml").read_text())
+    chosen = summary["selected"]["coefficients"]
+    assert [m["parameters"]["weight"] for m in best["models"]] == [chosen[n] for n in names]
+    merged = tmp_path / "merged"
+    mergekit_yaml(out / "best.yml", merged)
+    state = load_state(merged)
+    assert state and all(torch_finite(v) for v in state.values())
+    for name in ("pareto.png", "objectives.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def torch_finite(tensor) -> bool:
+    import torch
+
+    return bool(torch.isfinite(tensor).all())
+
+
+def test_prompt_perplexity_matches_a_reference_forward(engine, tiny_family):
+    """Perplexity from the engine's prompt logprobs = exp(mean of per-prompt mean NLL)
+    computed with transformers on the base model (coefficients 0)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_rlvr.search.objectives import perplexity_of_prompts
+
+    engine.set_coefficients([0.0] * len(engine.coefficients))
+    prompts = QUESTIONS[:3]
+    value, _ = perplexity_of_prompts(engine, prompts)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_family["base"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_family["base"], dtype=torch.float32)
+    nlls = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer(prompt).input_ids])
+            logits = model(ids).logits[0, :-1]
+            nlls.append(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item())
+    assert value == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-3)
+
+
+def test_response_perplexity_and_knee(engine, recipe, queries, tmp_path):
+    from mergekit_rlvr.search.runner import run_search
+
+    summary = run_search(str(recipe), queries, str(tmp_path / "out"),
+                         {"trials": 2, "perplexity": "response", "select": "knee", "sampler": "nsga2"},
+                         open_engine=opener(engine, []), progress=False)
+    assert summary["settings"]["perplexity"] == "response" and summary["selected"]["rule"] == "knee"
+    assert all(math.isfinite(p["objectives"]["perplexity"]) for p in summary["pareto_front"])
+
+
+def test_select_queries_end_to_end(engine, recipe, tmp_path):
+    from mergekit_rlvr.search.runner import run_select_queries
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": q, "id": i}) + "\n" for i, q in enumerate(QUESTIONS)))
+    out = tmp_path / "selected.jsonl"
+    result = run_select_queries(str(recipe), str(pool), str(out), n=4, samples=3, threshold=1.0, seed=1,
+                                overrides={"max_tokens": 12}, open_engine=opener(engine, []))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert result["selected"] == len(rows) == 4
+    names = list(engine.coefficients)
+    for row in rows:
+        assert set(row["consistency"]) == set(names)
+        expected = 1.0 - sum(row["consistency"].values()) / len(names)
+        assert row["difficulty"] == pytest.approx(expected) and row["split"] in ("low", "medium")
+        assert QUESTIONS[row["id"]] == row["prompt"]
