@@ -257,12 +257,12 @@ def reference(base_path, model_paths, epsilon, eta, top):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_brute_force_reference(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,epsilon", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float32, 0.0)])
+def test_matches_brute_force_reference(tmp_path, dtype, epsilon):
     base, models = random_models(tmp_path, dtype)
     paths = [models["sft"], models["rl"], models["rl2"]]
-    got = analyze(base, paths, epsilon=1e-5, eta=1e-3, top=0.1, progress=False, chunk_entries=100)
-    want = reference(base, paths, 1e-5, 1e-3, 0.1)
+    got = analyze(base, paths, epsilon=epsilon, eta=1e-3, top=0.1, progress=False, chunk_entries=100)
+    want = reference(base, paths, epsilon, 1e-3, 0.1)
     for path, expected in want["vectors"].items():
         vector = got["vectors"][path]
         for key, value in expected.items():

@@ -100,9 +100,13 @@ def delta_chunks(models: Sequence[torch.Tensor], base: torch.Tensor, epsilon: fl
     return out
 
 
-def opposite(a: DeltaChunk, b: DeltaChunk) -> torch.Tensor:
-    """Opposite signs (meaningful where both are updated, hence non-zero); sign bits,
-    not the product, so that tiny entries cannot underflow to a zero product."""
+def opposite(a: DeltaChunk, b: DeltaChunk, product: Optional[torch.Tensor] = None,
+             epsilon: float = 0.0) -> torch.Tensor:
+    """Opposite signs (meaningful where both are updated, hence non-zero). The
+    product's sign when both |Delta| > epsilon >= 1e-18 (their product cannot
+    underflow to zero), else the sign bits."""
+    if product is not None and epsilon >= 1e-18:
+        return product < 0
     return torch.signbit(a.delta).logical_xor_(torch.signbit(b.delta))
 
 
@@ -167,6 +171,7 @@ class PairStats:
     changed_both: int = 0
     changed_either: int = 0
     conflict_sumsq: float = 0.0
+    epsilon: float = 0.0  # the update threshold (decides how signs are compared)
 
     def add(self, name: str, a: DeltaChunk, b: DeltaChunk) -> None:
         self.parameters += a.delta.numel()
@@ -179,7 +184,7 @@ class PairStats:
         both = a.updated & b.updated
         overlap = _count(both)
         self.overlap += overlap
-        self.conflict += _count(both.logical_and_(opposite(a, b)))
+        self.conflict += _count(both.logical_and_(opposite(a, b, product, self.epsilon)))
         self.private += a.n_updated + b.n_updated - 2 * overlap
         inter = _count(a.changed & b.changed)
         self.changed_both += inter
@@ -288,7 +293,8 @@ class DensityConflictStats:
     """Pass 3 for a pair: joint histogram of (thresholds passed by a, by b) for
     entries updated in both, split by agreeing / opposite signs."""
 
-    def __init__(self, slots_a: int, slots_b: int):
+    def __init__(self, slots_a: int, slots_b: int, epsilon: float = 0.0):
+        self.epsilon = epsilon
         self.width = slots_b + 1
         self.size = (slots_a + 1) * (slots_b + 1)
         self.counts = torch.zeros(3 * self.size, dtype=torch.int64)
@@ -296,7 +302,8 @@ class DensityConflictStats:
     def add(self, a: DeltaChunk, b: DeltaChunk, passed_a: torch.Tensor, passed_b: torch.Tensor) -> None:
         both = a.updated & b.updated
         category = both.to(torch.int32)  # 0 not co-updated, 1 agree, 2 conflict
-        category += both.logical_and_(opposite(a, b))
+        product = torch.mul(a.delta, b.delta) if self.epsilon >= 1e-18 else None
+        category += both.logical_and_(opposite(a, b, product, self.epsilon))
         code = passed_a.to(torch.int32) * self.width
         code += passed_b
         code += category.mul_(self.size)

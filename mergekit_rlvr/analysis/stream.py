@@ -290,19 +290,20 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
     count = len(models)
     pairs = list(itertools.combinations(range(count), 2))
 
-    def deltas(name, b, ms, masks, check=False):
-        if check:
-            _check_finite(name, [b, *ms], [base_arg, *args])
+    def deltas(name, b, ms, masks):
         return S.delta_chunks(ms, b, epsilon, eta, masks)
 
     # pass 1
     vectors = [S.VectorStats() for _ in range(count)]
-    pair_stats = {p: S.PairStats() for p in pairs}
+    pair_stats = {p: S.PairStats(epsilon=epsilon) for p in pairs}
     with _progress(total, "analyze 1/3", progress) as bar:
         for name, b, ms in prefetch(chunks(todo, base, models, chunk_entries)):
-            ds = deltas(name, b, ms, "all", check=True)
+            ds = deltas(name, b, ms, "all")
             for v, d in zip(vectors, ds):
                 v.add(name, d)
+                if not math.isfinite(v.sumsq):  # a NaN/Inf input makes ||Delta|| non-finite
+                    _check_finite(name, [b, *ms], [base_arg, *args])
+                    raise UserError(f"tensor {name}: Delta overflows float32")
             for (i, j), st in pair_stats.items():
                 st.add(name, ds[i], ds[j])
             bar.update(b.numel())
@@ -327,7 +328,7 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
 
     # pass 3: counts under the global thresholds
     tops = [S.TopModuleStats(t.index[float(top)]) for t in thresholds]
-    conflicts = {(i, j): S.DensityConflictStats(len(thresholds[i].values), len(thresholds[j].values))
+    conflicts = {(i, j): S.DensityConflictStats(len(thresholds[i].values), len(thresholds[j].values), epsilon)
                  for i, j in pairs}
     with _progress(total, "analyze 3/3", progress) as bar:
         for name, b, ms in prefetch(chunks(todo, base, models, chunk_entries)):
