@@ -207,7 +207,7 @@ class MergeController:
                     await self.engine.pause_generation(mode="wait" if drain else "abort", clear_cache=True)
                     try:
                         try:
-                            await self.engine.collective_rpc("hotswap_set", args=(values,))
+                            reports = await self.engine.collective_rpc("hotswap_set", args=(values,))
                         except Exception as error:
                             # Input was validated above, so this is unexpected: report it
                             # (one line) and log what the workers now hold.
@@ -229,8 +229,10 @@ class MergeController:
                 "mergekit_rlvr: merge version %d %s (drain=%s, waited %.3f s for requests, swap %.3f s)",
                 self.version, self.describe()["coefficients"], drain, waited, total - waited,
             )
+            worker = max((r.get("seconds", 0.0) for r in reports if isinstance(r, dict)), default=None)
             return {**self.describe(), "drained": drain, "seconds": round(total, 6),
-                    "waited_seconds": round(waited, 6)}
+                    "waited_seconds": round(waited, 6),
+                    "worker_seconds": None if worker is None else round(worker, 6)}
 
     async def _resync(self) -> None:
         try:
