@@ -111,6 +111,7 @@ def status(key):  # /proc: VmHWM starts afresh at exec (ru_maxrss would keep the
             return int(line.split()[1]) * 1024
 after_import = status("VmRSS")
 start = time.perf_counter()
+cpu = time.process_time()
 if mode == "raw":  # plain sequential reads of the files
     n = 0
     buf = bytearray(64 << 20)
@@ -133,7 +134,7 @@ else:
     report = S.analyze(base, models, progress=False)
     result = {"parameters": report["parameters"], "norm_ratio": report["pairs"][0]["norm_ratio"],
               "sign_conflict": report["pairs"][0]["sign_conflict"]}
-result.update(seconds=time.perf_counter() - start, rss_after_import=after_import, peak_rss=status("VmHWM"))
+result.update(seconds=time.perf_counter() - start, cpu=time.process_time() - cpu, rss_after_import=after_import, peak_rss=status("VmHWM"))
 print(json.dumps(result))
 """
 
@@ -168,12 +169,16 @@ def main():
         read_again = child("read", paths)  # page-cache state on both sides of the analysis
         read_s = min(read["seconds"], read_again["seconds"])
         n = full["parameters"]
-        print(f"raw read  : {raw['seconds']:7.2f} s  {raw['bytes'] / raw['seconds'] / 1e9:8.2f} GB/s (3 files)")
-        print(f"read only : {read_s:7.2f} s  {n / read_s / 1e6:8.1f} M params/s "
-              f"(chunked reader, runs: {read['seconds']:.2f}, {read_again['seconds']:.2f} s)")
-        print(f"analyze   : {full['seconds']:7.2f} s  {n / full['seconds'] / 1e6:8.1f} M params/s  "
-              f"(3 passes; ratio analyze/read = {full['seconds'] / read_s:.2f}x, goal <= 2x; "
-              f"per pass {full['seconds'] / 3 / read_s:.2f}x)")
+        print(f"raw read  : {raw['seconds']:7.2f} s wall {raw['cpu']:7.2f} s cpu  "
+              f"{raw['bytes'] / raw['seconds'] / 1e9:6.2f} GB/s (3 files)")
+        print(f"read only : {read_s:7.2f} s wall {min(read['cpu'], read_again['cpu']):7.2f} s cpu  "
+              f"{n / read_s / 1e6:8.1f} M params/s (our chunked reader; runs {read['seconds']:.2f}, "
+              f"{read_again['seconds']:.2f} s)")
+        print(f"analyze   : {full['seconds']:7.2f} s wall {full['cpu']:7.2f} s cpu  "
+              f"{n / full['seconds'] / 1e6:8.1f} M params/s (3 passes)")
+        print(f"ratio analyze/read: {full['seconds'] / read_s:.1f}x wall, "
+              f"{full['cpu'] / max(min(read['cpu'], read_again['cpu']), 1e-9):.1f}x cpu (goal <= 2x); "
+              f"machine load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         for name, r in (("read", read), ("analyze", full)):
             extra = r["peak_rss"] - r["rss_after_import"]
             print(f"peak RSS {name:8s}: {r['peak_rss'] / 1e6:7.0f} MB, {extra / 1e6:6.0f} MB above the "

@@ -52,6 +52,10 @@ def findings(report: dict) -> List[str]:
     top = s["top"]
     for arg, v in report["vectors"].items():
         name = _label(arg)
+        if not v["l2_norm"]:
+            lines.append(f"Delta_{name} is zero: {arg} equals the base on every analyzed tensor; "
+                         "merging it changes nothing.")
+            continue
         layers = v["layer_l2_norms"]
         sentence = (f"Delta_{name} has L2 norm {v['l2_norm']:.4g}; {_pct(1 - v['sparsity'], 1)} of its entries are "
                     f"updated (|Delta| > {s['epsilon']:g}, sparsity {_pct(v['sparsity'], 1)})")
