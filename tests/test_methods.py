@@ -139,3 +139,33 @@ def test_reasoning_interp_vector():
 def test_task_vector_is_float32():
     assert task_vector(torch.ones(2, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.bfloat16)).dtype == torch.float32
     assert gamma_from_norms(0.0, 0.0) == 0.0
+
+
+@pytest.mark.parametrize("case", ["plain", "half_zeros", "ties", "tiny"])
+def test_radix_threshold_equals_kthvalue(case):
+    from mergekit_rlvr.methods.dots import kth_smallest
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200_003, generator=g).abs()
+    if case == "half_zeros":
+        x[:100_000] = 0
+    elif case == "ties":
+        x = torch.round(x * 4) / 4
+    elif case == "tiny":
+        x = x * 1e-30
+    for rank in (1, 17, 66_667, 100_001, 199_999, 200_003):
+        assert float(kth_smallest(x, rank)) == float(torch.kthvalue(x, rank).values)
+
+
+def test_masked_and_sparse_layouts_combine_bit_for_bit():
+    from mergekit_rlvr.methods.dots import dots_masked_vector
+
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(300, 70, generator=g).to(torch.bfloat16)
+    model = (base.float() + torch.randn(300, 70, generator=g) * 0.01).to(torch.bfloat16)
+    masked = dots_masked_vector(base, model, 0.3, "tensor")
+    sparse = dots_vector(base, model, 0.3, "tensor")
+    assert torch.equal(masked.compact().values, sparse.values)
+    for c in (0.0, 0.79, -1.3):
+        a, b = combine(base, [masked], [c]), combine(base, [sparse], [c])
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))

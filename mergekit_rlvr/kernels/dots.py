@@ -21,8 +21,8 @@ from mergekit_rlvr.methods.dots import (
     RESCALE_MODES,
     check_density,
     check_rescale,
+    dots_masked_vector,
     dots_stats,
-    dots_vector,
 )
 
 
@@ -69,7 +69,7 @@ class DotsMerge(PreparedMergeMethod):
             if context is not None:
                 gamma = context.gamma(index, rescale)
                 threshold = context.thresholds[index].get(name)
-            vectors.append(dots_vector(base, entry.tensor, d, rescale, gamma=gamma, threshold=threshold))
+            vectors.append(dots_masked_vector(base, entry.tensor, d, rescale, gamma=gamma, threshold=threshold))
             coefficients.append(weight[entry.id])
         return combine(base, vectors, coefficients, out_dtype=base.dtype)
 
