@@ -1,0 +1,4 @@
+from mergekit_rlvr.cli import main
+
+if __name__ == "__main__":
+    main()
