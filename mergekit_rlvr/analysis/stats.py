@@ -237,19 +237,21 @@ class FineHistograms:
 
     def __init__(self, bins: Sequence[int]):
         self.bins = sorted(set(bins))
-        self.slot_of = torch.full((COARSE_BINS,), -1, dtype=torch.int64)
-        self.slot_of[torch.tensor(self.bins, dtype=torch.int64)] = torch.arange(len(self.bins))
-        self.counts = torch.zeros(len(self.bins) * FINE_BINS, dtype=torch.int64)
+        # coarse bin -> first fine slot of its histogram; other bins -> a dump slot
+        self.dump = len(self.bins) * FINE_BINS
+        self.offset_of = torch.full((COARSE_BINS,), self.dump, dtype=torch.int32)
+        for slot, coarse_bin in enumerate(self.bins):
+            self.offset_of[coarse_bin] = slot * FINE_BINS
+        self.counts = torch.zeros(self.dump + 1, dtype=torch.int64)
 
     def add(self, chunk: DeltaChunk) -> None:
         if not self.bins:
             return
         bits = magnitude_bits(chunk.magnitude)
-        slot = self.slot_of[torch.bitwise_right_shift(bits, 16)]
-        inside = slot >= 0
-        index = slot[inside] * FINE_BINS + torch.bitwise_and(bits[inside], 0xFFFF)
-        if index.numel():
-            self.counts.index_add_(0, index, torch.ones_like(index))
+        offset = self.offset_of[torch.bitwise_right_shift(bits, 16)]
+        inside = offset != self.dump
+        key = torch.bitwise_and(bits, 0xFFFF).mul_(inside).add_(offset)
+        self.counts += torch.bincount(key, minlength=self.counts.numel())
 
     def of(self, coarse_bin: int) -> torch.Tensor:
         slot = self.bins.index(coarse_bin)
