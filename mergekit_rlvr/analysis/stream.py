@@ -1,12 +1,21 @@
 """Streaming reader and the three-pass driver of ``mergekit-rlvr analyze``.
 
-Models are resolved the way mergekit resolves them (``ModelReference``: a local
-directory or a Hugging Face id, sharded or not) and read as row slices of their
-safetensors files, so memory holds a few chunks, never a whole tensor or model.
+Models are resolved the way mergekit resolves them (``ModelReference`` for Hugging
+Face ids, ``ShardedTensorIndex`` for a local directory, sharded or not) and read as
+row slices of their safetensors files with ``pread`` (no mmap, so the resident
+memory is the chunks in flight, never a whole tensor or model). A background thread
+reads the next chunk while torch works on the current one.
+
+Only tensors present in the base and in every MODEL with the same shape are
+analyzed (the others are listed under "skipped" with the reason), so every vector
+and pair is measured over the same entries.
 
 Pass 1 computes everything that needs no global threshold and the coarse |Delta|
 histograms; pass 2 the fine histograms that pin the global top-k thresholds
-exactly; pass 3 the counts that depend on them (see ``stats``).
+exactly; pass 3 the counts that depend on them (see ``stats``). Global, not per
+tensor: paper 000 Table 12's module ratios only make sense globally (per-tensor
+top-10% would give 10% for every module), and its Fig. 1b / paper 002 Fig. 8 keep
+"the top k% of the task vector". The dots merge itself keeps the top k per tensor.
 """
 
 from __future__ import annotations
