@@ -109,8 +109,7 @@ def _stand_in(template: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
 
 def record_layout(model: torch.nn.Module, checkpoint: Iterable[Tuple[str, torch.Size, torch.dtype]]) -> Layout:
     """Run ``model.load_weights`` on meta stand-ins; see the module docstring."""
-    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
-    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO, _get_original_loader
 
     checkpoint = list(checkpoint)
     # uninitialized real tensors: their storage identifies them, their pages are never touched
@@ -134,7 +133,8 @@ def record_layout(model: torch.nn.Module, checkpoint: Iterable[Tuple[str, torch.
                 stand = _stand_in(template, module)
                 qualified = f"{prefix}.{pname}" if prefix else pname
                 shapes[qualified] = tuple(stand.shape)
-                original = getattr(stand, "weight_loader", default_weight_loader)
+                # vLLM's layerwise reload wraps the recorded parameters' loaders; unwrap
+                original = _get_original_loader(stand)
                 stand.weight_loader = _tracking(original, recorder, qualified)
                 module._parameters[pname] = stand
         with torch.no_grad(), recorder:

@@ -123,6 +123,9 @@ class HotSwapWorkerExtension:
 
         start = time.perf_counter()
         force_reload = spec.get("paths", "auto") == "reload"
+        if self._hotswap is not None:
+            # back to the base weights, so the new recipe's base check sees what vLLM loaded
+            self.hotswap_set([0.0] * len(self._hotswap.names))
         d = decompose(spec["recipe"], trust_remote_code=bool(spec.get("trust_remote_code", False)))
         d.prepare()
         model = self._hs_model()
