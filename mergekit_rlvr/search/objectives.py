@@ -31,7 +31,7 @@ def sampling_params(settings: SearchSettings, seed: int, **overrides):
     from vllm import SamplingParams
 
     values = dict(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
-                  max_tokens=settings.max_tokens, seed=seed)
+                  max_tokens=settings.max_tokens, seed=seed if settings.sample_seeds else None)
     values.update(overrides)
     return SamplingParams(**values)
 
@@ -93,8 +93,8 @@ def measure_dots(
 ) -> Measurement:
     """Consistency and perplexity of the engine's current weights on the queries.
 
-    Query i is sampled with seed ``settings.seed + i`` in every trial (common random
-    numbers across trials). Perplexity "prompt" is measured first; with
+    With ``sample_seeds``, query i is sampled with seed ``settings.seed + i`` in every
+    trial (common random numbers across trials). Perplexity "prompt" is measured first; with
     ``stop_rule_for`` (perplexity -> rule) the queries then run in ``settings.chunks``
     chunks and the trial may stop after any of them."""
     generate_s = score_s = 0.0

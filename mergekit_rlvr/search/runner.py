@@ -61,10 +61,13 @@ class _Progress:
         self.bar = tqdm(total=total, initial=initial, desc="search", unit="trial", disable=not enabled,
                         dynamic_ncols=True)
         self.describe = describe
+        self.enabled = enabled
 
     def __call__(self, study) -> None:
         from mergekit_rlvr.search.study import finished_trials
 
+        if not self.enabled:
+            return
         done = len(finished_trials(study))
         if self.bar.total is not None and done > self.bar.total:
             self.bar.total = done
@@ -138,6 +141,7 @@ def run_search(
         settings.grid + 1 if settings.strategy == "grid" else settings.max_steps)
     bar = _Progress(total, before, describe, enabled=progress)
     search_start = time.perf_counter()
+    setup_s = search_start - started
     try:
         if settings.objective == "dots":
             st.run_dots(study, evaluator, settings, searched, progress=bar)
@@ -153,13 +157,14 @@ def run_search(
     summary = _summarize(rows, settings, searched, names, fixed, objectives, url, study.study_name)
     summary["timings"] = {
         "engine_start_s": evaluator.engine_start_s if evaluator.engine is not None else None,
-        "search_s": search_s,
+        "setup_s": setup_s,  # recipe, queries, study
+        "search_s": search_s,  # the trial loop, engine start excluded
         "trials_this_run": len(rows) - before,
+        # sums over every finished trial of the study:
         "trial_wall_s": sum(r["wall_s"] for r in rows if math.isfinite(r["wall_s"])),
         "generate_s": sum(r["generate_s"] for r in rows if math.isfinite(r["generate_s"])),
         "score_s": sum(r["score_s"] for r in rows if math.isfinite(r["score_s"])),
         "swap_s": sum(r["swap_s"] for r in rows if math.isfinite(r["swap_s"])),
-        "total_s": time.perf_counter() - started,
     }
     summary["queries"] = {"file": os.path.abspath(queries_path), "count": len(queries)}
     files = {"trials.csv": rpt.trials_csv(rows, names, objectives), "summary.json": rpt.summary_json(summary)}

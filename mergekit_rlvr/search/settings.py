@@ -38,6 +38,9 @@ class SearchSettings:
     perplexity: str = "prompt"
     select: str = "max_consistency"
     seed: int = 0
+    # sample query i with seed + i in every trial (common random numbers across trials);
+    # off by default: vLLM CPU 0.32 fails on seeded requests whose prefill is chunked
+    sample_seeds: bool = False
     # prompts: "chat" applies the tokenizer's chat template to one user message
     # (question + instruction); anything else is a format string with {prompt}
     template: str = "chat"
