@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import resource
 import shutil
 import struct
 import subprocess
@@ -54,9 +54,11 @@ def shapes(layers: int):
 def write_streaming(path: str, tensors, names_shapes) -> None:
     """A bf16 safetensors file written tensor by tensor (header first), so that
     generating it holds one tensor in memory."""
+    import torch
+
     header, offset = {}, 0
     for name, shape in names_shapes.items():
-        size = 2 * int(__import__("math").prod(shape))
+        size = 2 * int(math.prod(shape))
         header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header).encode()
@@ -65,7 +67,7 @@ def write_streaming(path: str, tensors, names_shapes) -> None:
         handle.write(struct.pack("<Q", len(blob)))
         handle.write(blob)
         for name, tensor in tensors:
-            handle.write(tensor.contiguous().view(__import__("torch").int16).numpy().tobytes())
+            handle.write(tensor.contiguous().view(torch.int16).numpy().tobytes())
     os.replace(path + ".tmp", path)
 
 
@@ -159,7 +161,7 @@ def main():
         paths = generate(root, args.layers)
         size = os.path.getsize(os.path.join(paths["sft"], "model.safetensors"))
         layout = shapes(args.layers)
-        largest = max(int(__import__("math").prod(s)) for s in layout.values())
+        largest = max(int(math.prod(s)) for s in layout.values())
         print(f"models: 3 x {size / 1e9:.2f} GB bf16 ({size // 2 / 1e6:.0f}M parameters each), "
               f"generated in {time.perf_counter() - t0:.0f} s; largest tensor {largest / 1e6:.1f}M entries "
               f"({4 * largest / 1e6:.0f} MB as float32)")
