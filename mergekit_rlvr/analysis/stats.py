@@ -61,67 +61,127 @@ def module_kind(name: str) -> str:
     return "other"
 
 
-# ----------------------------------------------------------------- per chunk
+# ----------------------------------------------------------------- per-chunk kernels
+#
+# One function per pass does all the elementwise work on a chunk of every model and
+# returns scalars and the integer keys that get histogrammed. They are plain torch
+# code, run as is or fused by ``torch.compile`` (``Kernels``): the same source
+# either way.
 
 
-@dataclass
-class DeltaChunk:
-    """One model's Delta on one chunk, with the masks every accumulator shares."""
-
-    delta: torch.Tensor  # float32, 1-D
-    magnitude: torch.Tensor  # |delta|
-    updated: Optional[torch.Tensor] = None  # |delta| > epsilon
-    changed: Optional[torch.Tensor] = None  # |delta| > eta * max(|theta_model|, |theta_base|)
-    n_updated: int = 0
-    n_changed: int = 0
-
-
-def delta_chunks(models: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float, eta: float,
-                 masks: str = "all") -> List[DeltaChunk]:
-    """Delta = theta_model - theta_base in float32 (via ``task_vector``) for each model
-    on one chunk; ``masks``: "none" (magnitudes only), "updated" or "all"."""
+def _deltas(models: Sequence[torch.Tensor], base: torch.Tensor):
+    """(base in float32, [(model in float32, Delta = task_vector in float32)])."""
     base32 = base.reshape(-1).to(torch.float32)
-    base_abs = base32.abs() if masks == "all" else None
     out = []
     for model in models:
         model32 = model.reshape(-1).to(torch.float32)
-        delta = task_vector(model32, base32).to(torch.float32)
-        magnitude = delta.abs()
-        chunk = DeltaChunk(delta, magnitude)
-        if masks != "none":
-            chunk.updated = magnitude > epsilon
-            chunk.n_updated = _count(chunk.updated)
-        if masks == "all":
-            scale = model32.abs()
-            torch.maximum(scale, base_abs, out=scale)
-            chunk.changed = magnitude > scale.mul_(eta)
-            chunk.n_changed = _count(chunk.changed)
-        out.append(chunk)
-    return out
+        out.append((model32, task_vector(model32, base32).to(torch.float32)))
+    return base32, out
 
 
-def opposite(a: DeltaChunk, b: DeltaChunk, product: Optional[torch.Tensor] = None,
-             epsilon: float = 0.0) -> torch.Tensor:
-    """Opposite signs (meaningful where both are updated, hence non-zero). The
-    product's sign when both |Delta| > epsilon >= 1e-18 (their product cannot
-    underflow to zero), else the sign bits."""
-    if product is not None and epsilon >= 1e-18:
+def _opposite(a: torch.Tensor, b: torch.Tensor, product: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Opposite signs where both are updated (hence non-zero): the product's sign when
+    epsilon >= 1e-18 (the product of two such entries cannot underflow to zero),
+    else the sign bits."""
+    if epsilon >= 1e-18:
         return product < 0
-    return torch.signbit(a.delta).logical_xor_(torch.signbit(b.delta))
+    return torch.signbit(a) ^ torch.signbit(b)
 
 
-def _sq(x: torch.Tensor) -> float:
-    """Sum of squares (float32 cascade reduction, returned as a Python float)."""
-    return float(torch.linalg.vector_norm(x)) ** 2 if x.numel() else 0.0
+def pass1_kernel(models: List[torch.Tensor], base: torch.Tensor, epsilon: float, eta: float):
+    """Per model: (||Delta||, #updated, #changed, top 16 bits of |Delta|); per pair in
+    ``itertools.combinations`` order: (Delta_a . Delta_b, #co-updated, #co-updated
+    with opposite signs, #changed in both, ||min(Delta_a * Delta_b, 0)||)."""
+    base32, pairs = _deltas(models, base)
+    base_abs = base32.abs()
+    per_model, deltas, updated, changed = [], [], [], []
+    for model32, delta in pairs:
+        magnitude = delta.abs()
+        up = magnitude > epsilon
+        ch = magnitude > torch.maximum(model32.abs(), base_abs) * eta
+        hi = torch.bitwise_right_shift(magnitude.view(torch.int32), 16)
+        per_model.append((torch.linalg.vector_norm(delta), torch.count_nonzero(up), torch.count_nonzero(ch), hi))
+        deltas.append(delta)
+        updated.append(up)
+        changed.append(ch)
+    per_pair = []
+    for i in range(len(deltas)):
+        for j in range(i + 1, len(deltas)):
+            product = deltas[i] * deltas[j]  # Eq. 9 of paper 002
+            both = updated[i] & updated[j]
+            conflict = both & _opposite(deltas[i], deltas[j], product, epsilon)
+            per_pair.append((
+                product.sum(),
+                torch.count_nonzero(both),
+                torch.count_nonzero(conflict),
+                torch.count_nonzero(changed[i] & changed[j]),
+                torch.linalg.vector_norm(torch.clamp(product, max=0.0)),  # Eq. 10
+            ))
+    return per_model, per_pair
 
 
-def _count(mask: torch.Tensor) -> int:
-    return int(torch.count_nonzero(mask))
+def pass2_kernel(models: List[torch.Tensor], base: torch.Tensor, tables: List[torch.Tensor], dump: int):
+    """Per model, the fine-histogram key of every entry: its boundary bin's offset plus
+    the low 16 bits of |Delta| inside a boundary bin, ``dump`` elsewhere."""
+    _, pairs = _deltas(models, base)
+    keys = []
+    for (_, delta), table in zip(pairs, tables):
+        bits = delta.abs().view(torch.int32)
+        offset = table[torch.bitwise_right_shift(bits, 16)]
+        keys.append(torch.where(offset == dump, dump, torch.bitwise_and(bits, 0xFFFF) + offset))
+    return keys
 
 
-def magnitude_bits(magnitude: torch.Tensor) -> torch.Tensor:
-    """int32 bit patterns of non-negative float32 values (monotone in the value)."""
-    return magnitude.contiguous().view(torch.int32)
+def pass3_kernel(models: List[torch.Tensor], base: torch.Tensor, thresholds: List[torch.Tensor],
+                 top_slots: List[int], epsilon: float):
+    """Per model, the entries passing its --top threshold; per pair, the key
+    category * size + passed_a * width + passed_b (category 0: not co-updated,
+    1: co-updated with equal signs, 2: opposite signs), where passed = how many of
+    the model's thresholds t have |Delta| >= t."""
+    _, pairs = _deltas(models, base)
+    deltas, updated, passed, tops = [], [], [], []
+    for (_, delta), values, top_slot in zip(pairs, thresholds, top_slots):
+        magnitude = delta.abs()
+        count = torch.bucketize(magnitude, values, right=True, out_int32=True)
+        tops.append(torch.count_nonzero(count > top_slot))
+        deltas.append(delta)
+        updated.append(magnitude > epsilon)
+        passed.append(count)
+    codes = []
+    for i in range(len(deltas)):
+        for j in range(i + 1, len(deltas)):
+            width = thresholds[j].numel() + 1
+            size = (thresholds[i].numel() + 1) * width
+            both = updated[i] & updated[j]
+            conflict = both & _opposite(deltas[i], deltas[j], deltas[i] * deltas[j], epsilon)
+            category = both.to(torch.int32) + conflict.to(torch.int32)
+            codes.append(category * size + passed[i] * width + passed[j])
+    return tops, codes
+
+
+class Kernels:
+    """The three pass kernels, eager or fused with ``torch.compile`` (dynamic shapes).
+    A compiled kernel that fails (no C++ compiler, unsupported op) falls back to
+    eager for the rest of the run, with one warning line."""
+
+    def __init__(self, compiled: bool):
+        self.compiled = compiled
+        self.functions = {"pass1": pass1_kernel, "pass2": pass2_kernel, "pass3": pass3_kernel}
+        self.active = dict(self.functions)
+        if compiled:
+            self.active = {k: torch.compile(f, dynamic=True) for k, f in self.functions.items()}
+
+    def __call__(self, which: str, *args):
+        try:
+            return self.active[which](*args)
+        except Exception as error:  # torch._dynamo / inductor raise many kinds
+            if self.active[which] is self.functions[which]:
+                raise
+            import sys
+
+            sys.stderr.write(f"warning: torch.compile of {which} failed ({type(error).__name__}); running eager\n")
+            self.active[which] = self.functions[which]
+            return self.functions[which](*args)
 
 
 # ----------------------------------------------------------------- pass 1
@@ -140,20 +200,20 @@ class VectorStats:
     kind_parameters: Dict[str, int] = field(default_factory=dict)
     coarse: torch.Tensor = field(default_factory=lambda: torch.zeros(COARSE_BINS, dtype=torch.int64))
 
-    def add(self, name: str, chunk: DeltaChunk) -> None:
-        n = chunk.delta.numel()
-        s = _sq(chunk.delta)
+    def add(self, name: str, n: int, terms) -> None:
+        """``terms``: this model's entry of ``pass1_kernel``'s per-model list."""
+        norm, updated, changed, hi = terms
+        s = float(norm) ** 2
         self.parameters += n
         self.sumsq += s
-        self.updated += chunk.n_updated
-        self.changed += chunk.n_changed
+        self.updated += int(updated)
+        self.changed += int(changed)
         layer = layer_index(name)
         if layer is not None:
             self.layer_sumsq[layer] = self.layer_sumsq.get(layer, 0.0) + s
         kind = module_kind(name)
         self.kind_sumsq[kind] = self.kind_sumsq.get(kind, 0.0) + s
         self.kind_parameters[kind] = self.kind_parameters.get(kind, 0) + n
-        hi = torch.bitwise_right_shift(magnitude_bits(chunk.magnitude), 16)
         counts = torch.bincount(hi)
         self.coarse[:counts.numel()] += counts
 
@@ -171,26 +231,23 @@ class PairStats:
     changed_both: int = 0
     changed_either: int = 0
     conflict_sumsq: float = 0.0
-    epsilon: float = 0.0  # the update threshold (decides how signs are compared)
 
-    def add(self, name: str, a: DeltaChunk, b: DeltaChunk) -> None:
-        self.parameters += a.delta.numel()
-        product = a.delta * b.delta  # Eq. 9 of paper 002
-        d = float(product.sum()) if product.numel() else 0.0
+    def add(self, name: str, n: int, terms, a, b) -> None:
+        """``terms``: this pair's entry of ``pass1_kernel``; ``a``, ``b``: the two
+        models' per-model entries."""
+        dot, overlap, conflict, changed_both, conflict_norm = (t.item() for t in terms)
+        d = float(dot)
+        self.parameters += n
         self.dot += d
         layer = layer_index(name)
         if layer is not None:
             self.layer_dot[layer] = self.layer_dot.get(layer, 0.0) + d
-        both = a.updated & b.updated
-        overlap = _count(both)
-        self.overlap += overlap
-        self.conflict += _count(both.logical_and_(opposite(a, b, product, self.epsilon)))
-        self.private += a.n_updated + b.n_updated - 2 * overlap
-        inter = _count(a.changed & b.changed)
-        self.changed_both += inter
-        self.changed_either += a.n_changed + b.n_changed - inter
-        # Eq. 10: L2 norm of the negative entries of the product
-        self.conflict_sumsq += _sq(product.clamp_(max=0.0))
+        self.overlap += int(overlap)
+        self.conflict += int(conflict)
+        self.private += int(a[1]) + int(b[1]) - 2 * int(overlap)
+        self.changed_both += int(changed_both)
+        self.changed_either += int(a[2]) + int(b[2]) - int(changed_both)
+        self.conflict_sumsq += float(conflict_norm) ** 2
 
 
 # ----------------------------------------------------------------- thresholds
@@ -235,23 +292,20 @@ def refine(boundary: Boundary, fine: Optional[torch.Tensor]) -> float:
 class FineHistograms:
     """Pass 2 for one task vector: low-16-bit histograms inside the boundary bins."""
 
-    def __init__(self, bins: Sequence[int]):
+    def __init__(self, bins: Sequence[int], dump: Optional[int] = None):
         self.bins = sorted(set(bins))
         # coarse bin -> first fine slot of its histogram; other bins -> a dump slot
-        self.dump = len(self.bins) * FINE_BINS
+        # (``dump`` >= len(bins) * FINE_BINS, shared by the models of one run)
+        self.dump = len(self.bins) * FINE_BINS if dump is None else dump
         self.offset_of = torch.full((COARSE_BINS,), self.dump, dtype=torch.int32)
         for slot, coarse_bin in enumerate(self.bins):
             self.offset_of[coarse_bin] = slot * FINE_BINS
         self.counts = torch.zeros(self.dump + 1, dtype=torch.int64)
 
-    def add(self, chunk: DeltaChunk) -> None:
-        if not self.bins:
-            return
-        bits = magnitude_bits(chunk.magnitude)
-        offset = self.offset_of[torch.bitwise_right_shift(bits, 16)]
-        inside = offset != self.dump
-        key = torch.bitwise_and(bits, 0xFFFF).mul_(inside).add_(offset)
-        self.counts += torch.bincount(key, minlength=self.counts.numel())
+    def add(self, key: torch.Tensor) -> None:
+        """``key``: this model's entry of ``pass2_kernel`` (built with ``offset_of``)."""
+        if self.bins:
+            self.counts += torch.bincount(key, minlength=self.counts.numel())
 
     def of(self, coarse_bin: int) -> torch.Tensor:
         slot = self.bins.index(coarse_bin)
@@ -284,8 +338,8 @@ class TopModuleStats:
     kept: int = 0
     kind_kept: Dict[str, int] = field(default_factory=dict)
 
-    def add(self, name: str, passed: torch.Tensor) -> None:
-        kept = _count(passed > self.threshold_slot)
+    def add(self, name: str, kept) -> None:
+        kept = int(kept)
         kind = module_kind(name)
         self.kept += kept
         self.kind_kept[kind] = self.kind_kept.get(kind, 0) + kept
@@ -295,20 +349,13 @@ class DensityConflictStats:
     """Pass 3 for a pair: joint histogram of (thresholds passed by a, by b) for
     entries updated in both, split by agreeing / opposite signs."""
 
-    def __init__(self, slots_a: int, slots_b: int, epsilon: float = 0.0):
-        self.epsilon = epsilon
+    def __init__(self, slots_a: int, slots_b: int):
         self.width = slots_b + 1
         self.size = (slots_a + 1) * (slots_b + 1)
         self.counts = torch.zeros(3 * self.size, dtype=torch.int64)
 
-    def add(self, a: DeltaChunk, b: DeltaChunk, passed_a: torch.Tensor, passed_b: torch.Tensor) -> None:
-        both = a.updated & b.updated
-        category = both.to(torch.int32)  # 0 not co-updated, 1 agree, 2 conflict
-        product = torch.mul(a.delta, b.delta) if self.epsilon >= 1e-18 else None
-        category += both.logical_and_(opposite(a, b, product, self.epsilon))
-        code = passed_a.to(torch.int32) * self.width
-        code += passed_b
-        code += category.mul_(self.size)
+    def add(self, code: torch.Tensor) -> None:
+        """``code``: this pair's entry of ``pass3_kernel``."""
         self.counts += torch.bincount(code, minlength=3 * self.size)
 
     def rate(self, slot_a: int, slot_b: int) -> Tuple[int, int]:

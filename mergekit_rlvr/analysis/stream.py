@@ -34,6 +34,8 @@ from mergekit_rlvr.errors import UserError
 
 #: entries per chunk (float32 intermediates of a few times 16 MB)
 CHUNK_ENTRIES = 1 << 22
+#: parameters per model from which ``analyze`` fuses its kernels by default
+COMPILE_FROM = 50_000_000
 
 
 _TORCH_DTYPES = {
@@ -277,8 +279,11 @@ def _check_finite(name: str, tensors: Sequence[torch.Tensor], args: Sequence[str
 
 
 def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta: float = 1e-3,
-            top: float = 0.1, progress: bool = True, chunk_entries: int = CHUNK_ENTRIES) -> dict:
-    """Run the three passes and return the report dictionary (see ``report``)."""
+            top: float = 0.1, progress: bool = True, chunk_entries: int = CHUNK_ENTRIES,
+            compile: Optional[bool] = None) -> dict:
+    """Run the three passes and return the report dictionary (see ``report``).
+    ``compile``: fuse the per-chunk kernels with torch.compile (None: when the models
+    hold at least ``COMPILE_FROM`` analyzed parameters)."""
     if not model_args:
         raise UserError("analyze needs at least one MODEL besides --base")
     duplicates = sorted({a for a in model_args if list(model_args).count(a) > 1})
@@ -299,34 +304,38 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
     count = len(models)
     pairs = list(itertools.combinations(range(count), 2))
 
-    def deltas(name, b, ms, masks):
-        return S.delta_chunks(ms, b, epsilon, eta, masks)
+    if compile is None:  # fusing pays off once the elementwise work outweighs compiling (~20-60 s)
+        compile = total >= COMPILE_FROM
+    kernels = S.Kernels(bool(compile))
 
     # pass 1
     vectors = [S.VectorStats() for _ in range(count)]
-    pair_stats = {p: S.PairStats(epsilon=epsilon) for p in pairs}
+    pair_stats = {p: S.PairStats() for p in pairs}
     with _progress(total, "analyze 1/3", progress) as bar:
         for name, b, ms in prefetch(chunks(todo, base, models, chunk_entries)):
-            ds = deltas(name, b, ms, "all")
-            for v, d in zip(vectors, ds):
-                v.add(name, d)
+            per_model, per_pair = kernels("pass1", ms, b, epsilon, eta)
+            n = b.numel()
+            for v, terms in zip(vectors, per_model):
+                v.add(name, n, terms)
                 if not math.isfinite(v.sumsq):  # a NaN/Inf input makes ||Delta|| non-finite
                     _check_finite(name, [b, *ms], [base_arg, *args])
                     raise UserError(f"tensor {name}: Delta overflows float32")
-            for (i, j), st in pair_stats.items():
-                st.add(name, ds[i], ds[j])
-            bar.update(b.numel())
+            for (i, j), terms in zip(pairs, per_pair):
+                pair_stats[(i, j)].add(name, n, terms, per_model[i], per_model[j])
+            bar.update(n)
 
     # pass 2: exact global thresholds for every density and --top
     densities = sorted(set(S.DENSITIES) | {float(top)})
     boundaries = [{d: S.locate(v.coarse, v.parameters, d) for d in densities} for v in vectors]
-    fines = [S.FineHistograms([bd.coarse_bin for bd in bs.values() if bd.coarse_bin is not None])
-             for bs in boundaries]
-    if any(f.bins for f in fines):
+    bins = [{bd.coarse_bin for bd in bs.values() if bd.coarse_bin is not None} for bs in boundaries]
+    dump = max(len(b) for b in bins) * S.FINE_BINS
+    fines = [S.FineHistograms(b, dump) for b in bins]
+    if dump:
+        tables = [f.offset_of for f in fines]
         with _progress(total, "analyze 2/3", progress) as bar:
             for name, b, ms in prefetch(chunks(todo, base, models, chunk_entries)):
-                for f, d in zip(fines, deltas(name, b, ms, "none")):
-                    f.add(d)
+                for f, key in zip(fines, kernels("pass2", ms, b, tables, dump)):
+                    f.add(key)
                 bar.update(b.numel())
     thresholds = []
     for bs, f in zip(boundaries, fines):
@@ -337,16 +346,17 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
 
     # pass 3: counts under the global thresholds
     tops = [S.TopModuleStats(t.index[float(top)]) for t in thresholds]
-    conflicts = {(i, j): S.DensityConflictStats(len(thresholds[i].values), len(thresholds[j].values), epsilon)
+    conflicts = {(i, j): S.DensityConflictStats(len(thresholds[i].values), len(thresholds[j].values))
                  for i, j in pairs}
+    values = [t.values for t in thresholds]
+    top_slots = [t.index[float(top)] for t in thresholds]
     with _progress(total, "analyze 3/3", progress) as bar:
         for name, b, ms in prefetch(chunks(todo, base, models, chunk_entries)):
-            ds = deltas(name, b, ms, "updated")
-            passed = [t.passed(d.magnitude) for t, d in zip(thresholds, ds)]
-            for st, p in zip(tops, passed):
-                st.add(name, p)
-            for (i, j), st in conflicts.items():
-                st.add(ds[i], ds[j], passed[i], passed[j])
+            kept, codes = kernels("pass3", ms, b, values, top_slots, epsilon)
+            for st, k in zip(tops, kept):
+                st.add(name, k)
+            for pair, code in zip(pairs, codes):
+                conflicts[pair].add(code)
             bar.update(b.numel())
 
     return assemble(base_arg, args, todo, vectors, pair_stats, thresholds, tops, conflicts,
