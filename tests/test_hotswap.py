@@ -222,3 +222,29 @@ def test_recipe_with_another_base_is_refused(engine, setup, tiny_family):
     recipe["base_model"], recipe["models"][0]["model"] = recipe["models"][0]["model"], tiny_family["base"]
     with pytest.raises(ValueError, match="not this engine's base"):
         engine.load_recipe(recipe)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_stored_vectors_combine_bit_for_bit_like_combine(dtype):
+    """The swap's indexed arithmetic equals methods.common.combine exactly (no engine)."""
+    from mergekit_rlvr.methods.common import SparseVector, combine
+    from vllm_plugins import packed
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 48, generator=g).to(dtype)
+    base[0, :8] = -0.0  # signed zeros outside and inside masks stay as combine leaves them
+    vectors = []
+    for density in (0.3, 1.0, 0.0):
+        mask = torch.rand(base.shape, generator=g) < density
+        vectors.append(SparseVector(mask, torch.randn(int(mask.sum()), generator=g)))
+    vectors.append(torch.randn(base.shape, generator=g))  # a dense vector
+    stored = [packed.store(v) for v in vectors]
+    for coefficients in ([0.7, 1.3, 2.0, -0.5], [0.0, 0.0, 0.0, 0.0], [-1.0, 3.0, 0.1, 1e-8]):
+        expect = combine(base, vectors, coefficients, out_dtype=base.dtype)
+        got = packed.combine_stored(base, stored, coefficients, out_dtype=base.dtype)
+        assert got.dtype == expect.dtype
+        bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float64: torch.int64}[dtype]
+        assert torch.equal(got.view(bits), expect.view(bits))
+    sparse = stored[0]
+    assert packed.nbytes(sparse) <= 0.75 * packed.dense_nbytes(sparse)
+    assert torch.equal(sparse.unpack().mask, vectors[0].mask)

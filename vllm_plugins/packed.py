@@ -1,85 +1,98 @@
-"""Compact device storage for the fixed vectors: a sparse vector as its kept values
-plus a bitmask (1 bit per entry), a dense vector as is. Pure torch, no vLLM."""
+"""Compact device storage for the fixed vectors, and the swap's arithmetic on it.
+
+A sparse vector (DoTS) is kept as its kept values plus their flat positions
+(int32): 8 bytes per kept entry, 0.6x a dense float32 copy at density 0.3. A dense
+vector is kept as is. :func:`combine_stored` computes exactly what
+``mergekit_rlvr.methods.common.combine`` computes on the unpacked vectors (same
+per-entry float operations in the same order: the result is bit-identical, see
+tests/test_hotswap.py), with an indexed add instead of boolean-mask indexing,
+which is several times faster on CPU. Pure torch, no vLLM.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 from mergekit_rlvr.methods.common import SparseVector
 
-_BITS = None
-
-
-def _bit_weights(device) -> torch.Tensor:
-    return (1 << torch.arange(8, dtype=torch.uint8, device=device)).to(torch.uint8)
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """bool tensor -> uint8 (little-endian bit order), length ceil(n / 8)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) * _bit_weights(flat.device)).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    expanded = bits.unsqueeze(1).bitwise_and(_bit_weights(bits.device)).ne(0)
-    return expanded.reshape(-1)[:n].reshape(shape)
-
 
 @dataclass
-class PackedSparse:
-    bits: torch.Tensor  # uint8, ceil(n/8)
-    values: torch.Tensor  # kept entries, row-major order
+class IndexedSparse:
+    index: torch.Tensor  # flat positions of the kept entries, ascending (int32, or int64 if huge)
+    values: torch.Tensor  # kept entries, same order
     shape: torch.Size
 
     @classmethod
-    def from_sparse(cls, vector: SparseVector) -> "PackedSparse":
-        return cls(pack_bits(vector.mask), vector.values.contiguous(), vector.mask.shape)
+    def from_sparse(cls, vector: SparseVector) -> "IndexedSparse":
+        flat = vector.mask.reshape(-1)
+        index = flat.nonzero().squeeze(1)
+        if flat.numel() < 2**31:
+            index = index.to(torch.int32)
+        return cls(index, vector.values.reshape(-1).contiguous(), vector.mask.shape)
 
     def unpack(self) -> SparseVector:
-        return SparseVector(unpack_bits(self.bits, self.shape), self.values)
+        mask = torch.zeros(self.shape, dtype=torch.bool, device=self.values.device)
+        mask.view(-1)[self.index.long()] = True
+        return SparseVector(mask, self.values)
 
     @property
     def nbytes(self) -> int:
-        return self.bits.numel() * self.bits.element_size() + self.values.numel() * self.values.element_size()
+        return self.index.numel() * self.index.element_size() + self.values.numel() * self.values.element_size()
 
     def dense_nbytes(self) -> int:
         return int(torch.Size(self.shape).numel()) * self.values.element_size()
 
-    def to(self, device) -> "PackedSparse":
-        return PackedSparse(self.bits.to(device), self.values.to(device), self.shape)
+    def to(self, device) -> "IndexedSparse":
+        return IndexedSparse(self.index.to(device), self.values.to(device), self.shape)
 
 
-Stored = Union[torch.Tensor, PackedSparse]
+Stored = Union[torch.Tensor, IndexedSparse]
 
 
 def store(vector) -> Stored:
     if isinstance(vector, SparseVector):
-        return PackedSparse.from_sparse(vector)
+        return IndexedSparse.from_sparse(vector)
     return vector.contiguous()
 
 
-def load(stored: Stored):
-    if isinstance(stored, PackedSparse):
-        return stored.unpack()
-    return stored
+def to(stored: Stored, device) -> Stored:
+    return stored.to(device)
 
 
 def nbytes(stored: Stored) -> int:
-    if isinstance(stored, PackedSparse):
+    if isinstance(stored, IndexedSparse):
         return stored.nbytes
     return stored.numel() * stored.element_size()
 
 
 def dense_nbytes(stored: Stored) -> int:
-    if isinstance(stored, PackedSparse):
+    if isinstance(stored, IndexedSparse):
         return stored.dense_nbytes()
     return stored.numel() * stored.element_size()
+
+
+def combine_stored(
+    base: torch.Tensor,
+    vectors: Sequence[Stored],
+    coefficients: Sequence[float],
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``combine(base, [unpacked vectors], coefficients, out_dtype)``, bit for bit:
+    float32 work (float64 for a float64 base), one multiply and one add per kept
+    entry, vectors in order, rounded once."""
+    if len(vectors) != len(coefficients):
+        raise ValueError(f"{len(vectors)} vectors but {len(coefficients)} coefficients")
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    acc = base.to(work, copy=True)
+    flat = acc.view(-1)
+    for vector, coefficient in zip(vectors, coefficients):
+        c = float(coefficient)
+        if isinstance(vector, IndexedSparse):
+            if vector.values.numel():
+                flat.index_add_(0, vector.index, vector.values.to(work) * c)
+        else:
+            acc += vector.to(work) * c
+    return acc.to(out_dtype or base.dtype)

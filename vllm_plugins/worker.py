@@ -91,12 +91,10 @@ def _module_of(param_name: str) -> str:
 
 
 def _combine(base, stored, coefficients, save_dtype):
-    from mergekit_rlvr.methods.common import combine
+    """combine(base, vectors, c, out_dtype=merge dtype), then the dtype mergekit writes."""
+    from vllm_plugins.packed import combine_stored
 
-    from vllm_plugins import packed
-
-    vectors = [packed.load(v) for v in stored]
-    out = combine(base, vectors, coefficients, out_dtype=base.dtype)
+    out = combine_stored(base, stored, coefficients, out_dtype=base.dtype)
     return out.to(save_dtype) if save_dtype is not None and save_dtype != out.dtype else out
 
 
@@ -375,7 +373,9 @@ def _vec_dtype(v) -> torch.dtype:
 
 
 def _to(stored, device):
-    return stored.to(device)
+    from vllm_plugins import packed
+
+    return packed.to(stored, device)
 
 
 def _only(pl, checkpoint: str):
