@@ -53,4 +53,6 @@ def toy_family(out, seed, pairs, quiet):
     upd = fam.info["updates"]
     click.echo(f"update L2: sft {upd['sft']['l2']:.3f}, rl {upd['rl']['l2']:.4f} "
                f"(ratio {upd['norm_ratio_sft_over_rl']:.1f}); share changed >1e-5: "
-               f"sft {upd['sft']['changed_share']:.3f}, rl {upd['rl']['changed_share']:.3f}")
+               f"sft {upd['sft']['changed_share']:.3f}, rl {upd['rl']['changed_share']:.3f}; "
+               f"share holding 90% of the squared norm: sft {upd['sft']['energy90_share']:.3f}, "
+               f"rl {upd['rl']['energy90_share']:.3f}")

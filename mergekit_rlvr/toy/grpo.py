@@ -3,7 +3,12 @@ GRPO-style: for each prompt a group of sampled answers, reward 1 for the exact
 ``\\boxed{sum}`` and 0 otherwise, advantage = (r - group mean) / (group std + eps),
 no critic and no KL term. Every batch is sampled from the current policy and
 used for one update, so the PPO ratio is 1 and its clipping never acts; the loss
-is the token-mean of -advantage * log-probability (Dr. GRPO / DAPO style)."""
+is the token-mean of -advantage * log-probability (Dr. GRPO / DAPO style).
+
+The toy family uses plain SGD here (``optimizer="sgd"``): the update then follows
+the accumulated policy gradient, which is small and concentrated on few entries,
+the structure the papers report for RLVR; Adam's per-entry normalization moves
+every entry by about the learning rate and gives a dense update."""
 
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def grpo(base_model, streams: TrainStreams, steps: int, prompts: int = 16, group: int = 8, lr: float = 3e-5,
-         temperature: float = 1.0, max_new: int = 32, seed: int = 0,
+         temperature: float = 1.0, max_new: int = 32, seed: int = 0, optimizer: str = "adam",
          progress: Optional[Callable[[int, float], None]] = None):
     """Returns (trained copy of ``base_model``, list of mean rewards per step)."""
     codec = Codec()
@@ -35,7 +40,12 @@ def grpo(base_model, streams: TrainStreams, steps: int, prompts: int = 16, group
     torch.manual_seed(seed)
     rng = random.Random(f"grpo-{seed}")
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+    else:
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     history = []
     for step in range(steps):
         examples = [streams.rl_prompt(rng) for _ in range(prompts)]
