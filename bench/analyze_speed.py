@@ -5,7 +5,8 @@ names: a dense "sft" update and a sparse "rl" update), then, in one run and each
 its own child process:
 
   read     - only reads every tensor of the three checkpoints (the same row slices)
-  analyze  - the full three-pass analysis (report dictionary, no files)
+  analyze  - the full three-pass analysis (report dictionary, no files), with the
+             kernels fused by torch.compile (cold, then with its caches warm) and eager
 
 and prints seconds, throughput (model parameters per second), the analysis/read
 ratio, and each child's peak RSS above its RSS after imports, against the model
@@ -132,8 +133,8 @@ elif mode == "read":  # the analysis' own reader: every chunk of every tensor, o
     for name, bt, mts in S.chunks(plan, b, ms):
         n += bt.numel()
     result = {"parameters": n}
-else:
-    report = S.analyze(base, models, progress=False)
+else:  # "analyze" (fused by torch.compile, compile time included) or "eager"
+    report = S.analyze(base, models, progress=False, compile=(mode == "analyze"))
     result = {"parameters": report["parameters"], "norm_ratio": report["pairs"][0]["norm_ratio"],
               "sign_conflict": report["pairs"][0]["sign_conflict"]}
 result.update(seconds=time.perf_counter() - start, cpu=time.process_time() - cpu, rss_after_import=after_import, peak_rss=status("VmHWM"))
@@ -168,6 +169,8 @@ def main():
         raw = child("raw", paths)
         read = child("read", paths)
         full = child("analyze", paths)
+        warm = child("analyze", paths)  # torch.compile's on-disk caches warm
+        eager = child("eager", paths)
         read_again = child("read", paths)  # page-cache state on both sides of the analysis
         read_s = min(read["seconds"], read_again["seconds"])
         n = full["parameters"]
@@ -176,12 +179,13 @@ def main():
         print(f"read only : {read_s:7.2f} s wall {min(read['cpu'], read_again['cpu']):7.2f} s cpu  "
               f"{n / read_s / 1e6:8.1f} M params/s (our chunked reader; runs {read['seconds']:.2f}, "
               f"{read_again['seconds']:.2f} s)")
-        print(f"analyze   : {full['seconds']:7.2f} s wall {full['cpu']:7.2f} s cpu  "
-              f"{n / full['seconds'] / 1e6:8.1f} M params/s (3 passes)")
-        print(f"ratio analyze/read: {full['seconds'] / read_s:.1f}x wall, "
-              f"{full['cpu'] / max(min(read['cpu'], read_again['cpu']), 1e-9):.1f}x cpu (goal <= 2x); "
-              f"machine load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-        for name, r in (("read", read), ("analyze", full)):
+        read_cpu = max(min(read["cpu"], read_again["cpu"]), 1e-9)
+        for label, r in (("compiled (cold)", full), ("compiled (warm)", warm), ("eager", eager)):
+            print(f"analyze {label:15s}: {r['seconds']:7.2f} s wall {r['cpu']:7.2f} s cpu  "
+                  f"{n / r['seconds'] / 1e6:6.1f} M params/s; analyze/read {r['seconds'] / read_s:5.1f}x wall, "
+                  f"{r['cpu'] / read_cpu:5.1f}x cpu (goal <= 2x; 3 passes)")
+        print(f"machine load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared)")
+        for name, r in (("read", read), ("compiled", warm), ("eager", eager)):
             extra = r["peak_rss"] - r["rss_after_import"]
             print(f"peak RSS {name:8s}: {r['peak_rss'] / 1e6:7.0f} MB, {extra / 1e6:6.0f} MB above the "
                   f"{r['rss_after_import'] / 1e6:.0f} MB after imports = {extra / size:.3f} x model size, "
