@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -56,8 +57,13 @@ Vector = Union[torch.Tensor, SparseVector, MaskedVector]
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise MergeInputError(f"{what} contains NaN or Inf")
+    """MergeInputError when any entry is NaN or Inf. A float64 sum is finite exactly
+    when every entry is (a float32 or bfloat16 tensor cannot overflow it), and it
+    reads the tensor once without allocating a mask."""
+    if tensor.is_floating_point() and tensor.numel():
+        total = float(tensor.sum(dtype=torch.float64))
+        if not math.isfinite(total) and not bool(torch.isfinite(tensor).all()):
+            raise MergeInputError(f"{what} contains NaN or Inf")
 
 
 def check_shapes(base: torch.Tensor, other: torch.Tensor, what: str) -> None:
