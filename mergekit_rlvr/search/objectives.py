@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from mergekit_rlvr.search.answers import extract_answer, majority_vote
 from mergekit_rlvr.search.queries import Query

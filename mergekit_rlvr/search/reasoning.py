@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 from mergekit_rlvr.search.objectives import Measurement, build_prompt, sampling_params
 from mergekit_rlvr.search.queries import Query

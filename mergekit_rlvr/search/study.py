@@ -18,8 +18,8 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Sequence
 
 from mergekit_rlvr.errors import UserError
 from mergekit_rlvr.search.settings import SearchSettings
