@@ -19,6 +19,7 @@ from mergekit_rlvr.search.engine import open_engine as open_hotswap
 from mergekit_rlvr.search.queries import difficulty, load_queries, select_by_difficulty
 from mergekit_rlvr.search.selection import largest_alpha, select_dots
 from mergekit_rlvr.search.settings import SearchSettings, load_settings
+from mergekit_rlvr.search.study import public_url
 
 
 def recipe_coefficients(recipe: Mapping[str, Any]) -> Dict[str, float]:
@@ -192,7 +193,7 @@ def _summarize(rows, settings: SearchSettings, searched, names, fixed, objective
                 "objectives": {o: row[o] for o in objectives}}
 
     summary: Dict[str, Any] = {"objective": settings.objective, "searched": list(searched),
-                               "storage": url, "study_name": study_name,
+                               "storage": public_url(url), "study_name": study_name,
                                "finished_trials": len(rows), "complete_trials": len(complete)}
     if settings.objective == "dots":
         if complete:
@@ -214,6 +215,8 @@ def _summarize(rows, settings: SearchSettings, searched, names, fixed, objective
                                    "rule": f"no evaluated {name} reached {settings.rho_min}: the lower bound"}
         summary["evaluated"] = sorted(([r[name], r["reasoning_rate"]] for r in complete), key=lambda p: p[0])
     summary["settings"] = settings.to_dict()
+    if summary["settings"].get("storage"):
+        summary["settings"]["storage"] = public_url(summary["settings"]["storage"])
     return summary
 
 

@@ -33,6 +33,16 @@ def storage_url(settings: SearchSettings, out_dir: str) -> str:
     return settings.storage or "sqlite:///" + os.path.abspath(os.path.join(out_dir, "study.db"))
 
 
+def public_url(url: str) -> str:
+    """The storage URL without its password, for messages and reports."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return url
+
+
 _SQLITE_TUNED = False
 
 
@@ -62,7 +72,7 @@ def open_storage(url: str):
     import optuna
 
     if "://" not in url:
-        raise UserError(f"--storage {url}: expected an Optuna storage URL such as sqlite:///path/study.db")
+        raise UserError(f"--storage {public_url(url)}: expected an Optuna storage URL such as sqlite:///path/study.db")
     kwargs = {}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 60}}
@@ -79,7 +89,7 @@ def open_storage(url: str):
             if type(error).__name__ not in ("OperationalError", "IntegrityError"):
                 break
             time.sleep(0.3 * (attempt + 1))
-    raise UserError(f"--storage {url}: cannot open it ({str(last).splitlines()[0]})")
+    raise UserError(f"--storage {public_url(url)}: cannot open it ({str(last).splitlines()[0]})")
 
 
 def make_sampler(settings: SearchSettings, seed: int):
@@ -117,7 +127,7 @@ def open_study(settings: SearchSettings, url: str, searched: Sequence[str]):
         study.set_user_attr("coefficients", list(searched))
         study.set_user_attr("bounds", list(settings.bounds))
     elif list(stored) != list(searched):
-        raise UserError(f"study {name!r} in {url} searched coefficients {stored}, not {list(searched)}"
+        raise UserError(f"study {name!r} in {public_url(url)} searched coefficients {stored}, not {list(searched)}"
                         " (use another --out, --storage or study_name)")
     seed = settings.seed + len(study.get_trials(deepcopy=False))
     if settings.storage:
