@@ -151,13 +151,16 @@ def run_search(
     finally:
         bar.close()
         search_s = time.perf_counter() - search_start - evaluator.engine_start_s
+        close_start = time.perf_counter()
         if evaluator.engine is not None and open_engine is None:
             close_engine(evaluator.engine)
+        engine_close_s = time.perf_counter() - close_start
 
     rows = st.trial_rows(study, searched, fixed, objectives)
     summary = _summarize(rows, settings, searched, names, fixed, objectives, url, study.study_name)
     summary["timings"] = {
         "engine_start_s": evaluator.engine_start_s if evaluator.engine is not None else None,
+        "engine_close_s": engine_close_s,
         "setup_s": setup_s,  # recipe, queries, study
         "search_s": search_s,  # the trial loop, engine start excluded
         "trials_this_run": len(rows) - before,

@@ -99,7 +99,9 @@ def make_sampler(settings: SearchSettings, seed: int):
         return optuna.samplers.NSGAIISampler(seed=seed)
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    with warnings.catch_warnings():  # multivariate: one joint draw (and one storage read) per trial
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True)
 
 
 def objective_names(settings: SearchSettings) -> List[str]:
