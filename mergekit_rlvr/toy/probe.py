@@ -114,6 +114,9 @@ def main(argv=None) -> None:
     parser.add_argument("--density", type=float, default=0.3)
     parser.add_argument("--verify-vllm", action="store_true", help="Score parents and best merge on vLLM too.")
     args = parser.parse_args(argv)
+    from mergekit_rlvr.toy.lm import set_threads
+
+    set_threads(1)  # far faster than 2 on a busy 2-core machine
     r = probe(args.family_dir, _floats(args.grid_sft), _floats(args.grid_rl), args.backend, args.density,
               args.verify_vllm)
     for name, acc in r["parents"].items():
