@@ -101,6 +101,15 @@ class Family:
     trained: List[str] = field(default_factory=list)  # stages trained by this call
     info: dict = field(default_factory=dict)
 
+    @property
+    def pool_path(self) -> str:
+        """JSONL of the unlabeled pool (``prompt``; ``answer`` only for reports)."""
+        return os.path.join(self.out, "data", "pool.jsonl")
+
+    @property
+    def eval_paths(self) -> Dict[str, str]:
+        return {name: os.path.join(self.out, "data", f"eval_{name}.jsonl") for name in self.eval_sets}
+
 
 def _stamp_path(out: str, stage: str) -> str:
     return os.path.join(out, "stamps", f"{stage}.json")
