@@ -132,6 +132,17 @@ def pass2_kernel(models: List[torch.Tensor], base: torch.Tensor, tables: List[to
     return keys
 
 
+def _passed(magnitude: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """How many of the sorted thresholds t have |Delta| >= t (int32). Fused, a few
+    compares per entry beat a binary search; eager, ``bucketize`` does."""
+    if torch.compiler.is_compiling():
+        count = (magnitude >= values[0]).to(torch.int32)
+        for k in range(1, values.numel()):
+            count = count + (magnitude >= values[k]).to(torch.int32)
+        return count
+    return torch.bucketize(magnitude, values, right=True, out_int32=True)
+
+
 def pass3_kernel(models: List[torch.Tensor], base: torch.Tensor, thresholds: List[torch.Tensor],
                  top_slots: List[int], epsilon: float):
     """Per model, the entries passing its --top threshold; per pair, the key
@@ -142,7 +153,7 @@ def pass3_kernel(models: List[torch.Tensor], base: torch.Tensor, thresholds: Lis
     deltas, updated, passed, tops = [], [], [], []
     for (_, delta), values, top_slot in zip(pairs, thresholds, top_slots):
         magnitude = delta.abs()
-        count = torch.bucketize(magnitude, values, right=True, out_int32=True)
+        count = _passed(magnitude, values)
         tops.append(torch.count_nonzero(count > top_slot))
         deltas.append(delta)
         updated.append(magnitude > epsilon)
@@ -320,14 +331,16 @@ class Thresholds:
 
     def __init__(self, by_density: Dict[float, float]):
         self.by_density = dict(by_density)
-        values = sorted(set(by_density.values()))
+        # duplicates kept (a constant count for compiled kernels); a density's slot
+        # is the first occurrence of its threshold
+        values = sorted(by_density.values())
         self.values = torch.tensor(values, dtype=torch.float32)
         self.index = {d: values.index(t) for d, t in by_density.items()}
 
     def passed(self, magnitude: torch.Tensor) -> torch.Tensor:
         """Per entry, how many thresholds t have |Delta| >= t (kept at threshold j
         iff the count exceeds j)."""
-        return torch.bucketize(magnitude, self.values, right=True, out_int32=True)
+        return _passed(magnitude, self.values)
 
 
 @dataclass
