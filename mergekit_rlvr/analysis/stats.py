@@ -12,8 +12,10 @@ the low 16 bits inside the few coarse bins that hold a threshold (pass 2). The r
 is that of :func:`mergekit_rlvr.methods.dots.magnitude_threshold` applied to the
 whole model: k = ``keep_count(n, density)``, entries with |Delta| >= the k-th
 largest are kept (ties kept); k <= 0 keeps nothing, k >= n keeps everything.
-Pass 3 then counts, per entry, how many thresholds it passes (``bucketize``), which
-gives every density's kept sets at once.
+Pass 3 then counts, per entry, how many thresholds it passes, which gives every
+density's kept sets at once (a joint histogram per pair gives the sign conflicts of
+any pair of densities). Exactness is checked in tests/test_analyze.py against
+``magnitude_threshold``/``sparsify`` on the concatenated in-memory model.
 """
 
 from __future__ import annotations
