@@ -163,7 +163,9 @@ def large_part(root: Path, swaps: int, hidden: int, layers: int, intermediate: i
     swap = statistics.median(times)
     reload = statistics.median(r["reload_seconds"] for r in reports)
     inplace = statistics.median(r["inplace_seconds"] for r in reports)
+    combine = statistics.median(r["reload_combine_seconds"] for r in reports)
     return {
+        "swap_reload_combine_median_seconds": combine,
         "params": numel,
         "weight_bytes": weight_bytes,
         "family_write_seconds": written,
@@ -241,7 +243,8 @@ def main(argv=None):
             result["large"] = large_part(root, max(3, args.swaps // 4), args.hidden, args.layers, args.intermediate)
             g = result["large"]
             print(f"large model ({g['params'] / 1e9:.2f} B params, bf16, {g['weight_bytes'] / 1e9:.2f} GB): "
-                  f"median swap {g['swap_median_seconds']:.2f} s (reload {g['swap_reload_median_seconds']:.2f} s, "
+                  f"median swap {g['swap_median_seconds']:.2f} s (reload {g['swap_reload_median_seconds']:.2f} s, of which "
+                  f"base + sum c_j v_j {g['swap_reload_combine_median_seconds']:.2f} s; "
                   f"in place {g['swap_inplace_median_seconds']:.3f} s) = {g['swap_rate_bytes_per_s'] / 1e9:.2f} GB/s; "
                   f"memcpy {g['memcpy_rate_bytes_per_s'] / 1e9:.2f} GB/s; swap/memcpy "
                   f"{100 * g['swap_vs_memcpy']:.1f}% (goal >= 50%)", flush=True)

@@ -236,9 +236,13 @@ def test_stored_vectors_combine_bit_for_bit_like_combine(dtype):
     vectors = []
     for density in (0.3, 1.0, 0.0):
         mask = torch.rand(base.shape, generator=g) < density
+        mask[0, :4] = density > 0  # kept entries on the base's -0.0
         vectors.append(SparseVector(mask, torch.randn(int(mask.sum()), generator=g)))
     vectors.append(torch.randn(base.shape, generator=g))  # a dense vector
-    stored = [packed.store(v) for v in vectors]
+    vectors[0].values[::3] = 0.0  # zero entries dropped from storage where the base is not -0.0
+    vectors[0].values[0] = 0.0
+    stored = [packed.store(v, base) for v in vectors]
+    assert stored[0].values.numel() < vectors[0].values.numel()
     for coefficients in ([0.7, 1.3, 2.0, -0.5], [0.0, 0.0, 0.0, 0.0], [-1.0, 3.0, 0.1, 1e-8]):
         expect = combine(base, vectors, coefficients, out_dtype=base.dtype)
         got = packed.combine_stored(base, stored, coefficients, out_dtype=base.dtype)
@@ -247,4 +251,4 @@ def test_stored_vectors_combine_bit_for_bit_like_combine(dtype):
         assert torch.equal(got.view(bits), expect.view(bits))
     sparse = stored[0]
     assert packed.nbytes(sparse) <= 0.75 * packed.dense_nbytes(sparse)
-    assert torch.equal(sparse.unpack().mask, vectors[0].mask)
+    assert torch.equal(packed.store(vectors[0]).unpack().mask, vectors[0].mask)

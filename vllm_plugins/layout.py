@@ -67,6 +67,7 @@ class Layout:
     params: Dict[str, ParamLayout]  # vLLM parameter name -> layout
     unmapped: List[str]  # checkpoint names no copy came from (skipped or transformed)
     error: Optional[str] = None  # why recording failed, if it did
+    stray: int = 0  # copies into parameters from something other than a checkpoint view
 
     def params_of(self, checkpoint: str) -> List[str]:
         return [p for p, layout in self.params.items() if checkpoint in layout.checkpoints]
@@ -152,7 +153,7 @@ def record_layout(model: torch.nn.Module, checkpoint: Iterable[Tuple[str, torch.
         name: ParamLayout(name, shapes[name], copies) for name, copies in recorder.copies.items()
     }
     used = {c.checkpoint for layout in params.values() for c in layout.copies}
-    return Layout(params, [n for n, _, _ in checkpoint if n not in used])
+    return Layout(params, [n for n, _, _ in checkpoint if n not in used], stray=recorder.stray)
 
 
 def _tracking(loader, recorder: _Recorder, name: str):

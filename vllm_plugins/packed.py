@@ -26,12 +26,23 @@ class IndexedSparse:
     shape: torch.Size
 
     @classmethod
-    def from_sparse(cls, vector: SparseVector) -> "IndexedSparse":
+    def from_sparse(cls, vector: SparseVector, base: Optional[torch.Tensor] = None) -> "IndexedSparse":
+        """With ``base``, kept entries whose value is zero are dropped wherever the
+        base is not -0.0: there the running sum is never -0.0 (a float sum is -0.0
+        only when every term is), so adding +-0 leaves it bit for bit unchanged.
+        (DoTS keeps ties at the threshold, so a sparse update keeps all its zeros.)"""
         flat = vector.mask.reshape(-1)
         index = flat.nonzero().squeeze(1)
+        values = vector.values.reshape(-1)
+        if base is not None and values.numel():
+            base_flat = base.reshape(-1)[index]
+            negative_zero = (base_flat == 0) & torch.signbit(base_flat)
+            keep = (values != 0) | negative_zero
+            if not bool(keep.all()):
+                index, values = index[keep], values[keep]
         if flat.numel() < 2**31:
             index = index.to(torch.int32)
-        return cls(index, vector.values.reshape(-1).contiguous(), vector.mask.shape)
+        return cls(index, values.contiguous(), vector.mask.shape)
 
     def unpack(self) -> SparseVector:
         mask = torch.zeros(self.shape, dtype=torch.bool, device=self.values.device)
@@ -52,9 +63,10 @@ class IndexedSparse:
 Stored = Union[torch.Tensor, IndexedSparse]
 
 
-def store(vector) -> Stored:
+def store(vector, base: Optional[torch.Tensor] = None) -> Stored:
+    """``base``: the tensor the vector is added to (lets zero entries be dropped)."""
     if isinstance(vector, SparseVector):
-        return IndexedSparse.from_sparse(vector)
+        return IndexedSparse.from_sparse(vector, base)
     return vector.contiguous()
 
 

@@ -55,9 +55,20 @@ class _InPlace:
 @dataclass
 class _Reload:
     name: str  # checkpoint tensor name
-    base: torch.Tensor  # merge dtype, checkpoint layout
+    base: torch.Tensor  # merge dtype, checkpoint layout (or the entries at ``index``)
     vectors: List[Any]
     save_dtype: Optional[torch.dtype]
+    index: Optional[torch.Tensor] = None  # flat positions this rank's loaders read (tensor parallel)
+    shape: Optional[torch.Size] = None
+
+    def tensor(self, values: List[float]) -> torch.Tensor:
+        merged = _combine(self.base, self.vectors, values, self.save_dtype)
+        if self.index is None:
+            return merged
+        # the loaders read only this rank's entries; the rest is never looked at
+        full = torch.zeros(self.shape, dtype=merged.dtype, device=merged.device)
+        full.view(-1)[self.index] = merged
+        return full
 
 
 @dataclass
@@ -71,6 +82,7 @@ class _State:
     version: int = 0
     load_seconds: float = 0.0
     layout_error: Optional[str] = None
+    layout_stray: int = 0
 
 
 @contextlib.contextmanager
@@ -177,13 +189,21 @@ class HotSwapWorkerExtension:
         # 3. vectors: pre-mapped for in-place parameters, checkpoint layout for reload
         state = _State(method=d.method, names=list(d.coefficient_names), coefficients=list(d.coefficients))
         state.layout_error = layout.error
+        state.layout_stray = layout.stray
         pending: Dict[str, Dict[str, Any]] = {}
         remaining = {p: set(pl.checkpoints) for p, pl in layout.params.items()}
         for task, base, vectors in d.iter_tensors(progress=True):
             targets = by_checkpoint.get(task.name, [])
             if not targets or not all(inplace_param(p) for p in targets):
+                # (only when every loader copy came straight from a checkpoint view)
+                index = _rank_positions(layout, task.name, base.shape) if targets and not layout.stray else None
+                if index is not None:  # keep only what this rank's shard reads
+                    shape = base.shape
+                    base, vectors = _restrict(base, vectors, index)
                 state.reload.append(
-                    _Reload(task.name, base.to(device), [_to(packed.store(v), device) for v in vectors], task.save_dtype)
+                    _Reload(task.name, base.to(device), [_to(packed.store(v, base), device) for v in vectors],
+                            task.save_dtype, None if index is None else index.to(device),
+                            None if index is None else shape)
                 )
                 for p in targets:
                     state.paths[p] = "reload"
@@ -218,7 +238,7 @@ class HotSwapWorkerExtension:
                         else:
                             from mergekit_rlvr.methods.common import SparseVector
 
-                            stored.append(_to(packed.store(SparseVector(mask, dense[mask])), device))
+                            stored.append(_to(packed.store(SparseVector(mask, dense[mask]), entry["base"]), device))
                     state.inplace.append(_InPlace(pname, live[pname], entry["base"].to(device), stored, entry["save"]))
                     state.paths[pname] = "inplace"
         if pending:  # a parameter whose checkpoint tensors were not all planned: cannot happen with mergekit plans
@@ -267,6 +287,8 @@ class HotSwapWorkerExtension:
         return {
             "seconds": time.perf_counter() - start,
             "reload_seconds": reload_seconds,
+            # of which computing base + sum c_j v_j (the rest is vLLM's loaders and repacking)
+            "reload_combine_seconds": getattr(self, "_hs_combine_seconds", 0.0) if state.reload else 0.0,
             "inplace_seconds": inplace_seconds,
             "version": state.version,
         }
@@ -281,9 +303,14 @@ class HotSwapWorkerExtension:
         start = time.perf_counter()
         model = self._hs_model()
 
+        spent = [0.0]
+
         def weights():
             for entry in state.reload:
-                yield entry.name, _combine(entry.base, entry.vectors, values, entry.save_dtype)
+                t = time.perf_counter()
+                tensor = entry.tensor(values)
+                spent[0] += time.perf_counter() - t
+                yield entry.name, tensor
 
         with set_current_vllm_config(self.vllm_config), _quiet(
             "vllm.model_executor.model_loader.reload.layerwise",
@@ -292,6 +319,7 @@ class HotSwapWorkerExtension:
             initialize_layerwise_reload(model)
             model.load_weights(weights())
             finalize_layerwise_reload(model, self.vllm_config.model_config)
+        self._hs_combine_seconds = spent[0]
         return time.perf_counter() - start
 
     def hotswap_state(self) -> Dict[str, Any]:
@@ -317,6 +345,8 @@ class HotSwapWorkerExtension:
             "reload": [e.name for e in state.reload],
             "paths": dict(state.paths),
             "layout_error": state.layout_error,
+            "layout_stray_copies": state.layout_stray,
+            "reload_rank_restricted": sum(e.index is not None for e in state.reload),
             "load_seconds": state.load_seconds,
         }
 
@@ -360,6 +390,37 @@ def _no_derived_weights(module) -> bool:
 
     unquantized = type(method).__name__ in ("UnquantizedLinearMethod", "UnquantizedEmbeddingMethod")
     return unquantized and current_platform.is_cuda_alike()
+
+
+def _rank_positions(layout, checkpoint: str, shape) -> Optional[torch.Tensor]:
+    """Flat positions of ``checkpoint`` that this rank's loaders copy from, or None
+    when they read all of it (one rank, replicated tensors)."""
+    covered = torch.zeros(int(torch.Size(shape).numel()), dtype=torch.bool)
+    for pl in layout.params.values():
+        for c in pl.copies:
+            if c.checkpoint == checkpoint:
+                covered.as_strided(*c.src).fill_(True)
+    if bool(covered.all()):
+        return None
+    return covered.nonzero().squeeze(1)
+
+
+def _restrict(base, vectors, index):
+    """base and vectors at the flat positions ``index`` (1-D, same order)."""
+    from mergekit_rlvr.methods.common import SparseVector
+
+    flat_base = base.reshape(-1)[index]
+    out = []
+    for v in vectors:
+        if isinstance(v, SparseVector):
+            mask = v.mask.reshape(-1)
+            selected = torch.zeros_like(mask)
+            selected[index] = True
+            keep = selected[mask]  # kept entries, in row-major order, that this rank reads
+            out.append(SparseVector(mask[index], v.values[keep]))
+        else:
+            out.append(v.reshape(-1)[index])
+    return flat_base, out
 
 
 def _is_sparse(v) -> bool:
