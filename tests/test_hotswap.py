@@ -252,3 +252,17 @@ def test_stored_vectors_combine_bit_for_bit_like_combine(dtype):
     sparse = stored[0]
     assert packed.nbytes(sparse) <= 0.75 * packed.dense_nbytes(sparse)
     assert torch.equal(packed.store(vectors[0]).unpack().mask, vectors[0].mask)
+
+
+def test_mismatched_checkpoint_refused_before_the_engine_starts(tiny_family, tmp_path):
+    from mergekit_rlvr.toy.tiny import write_family
+
+    from vllm_plugins import HotSwapLLM
+
+    other = write_family(str(tmp_path / "wide"), {"sft": (0.1, 1.0)}, intermediate=320)
+    recipe = recipes(tiny_family)["dots"]
+    recipe["models"][1]["model"] = other["sft"]
+    with pytest.raises(ValueError, match=f"model {other['sft']}.*shape"):
+        HotSwapLLM.from_recipe(recipe, **ENGINE)
+    with pytest.raises(ValueError, match="supported: dots, sar, reasoning_interp, task_arithmetic"):
+        HotSwapLLM.from_recipe(dict(recipe, merge_method="slerp"), **ENGINE)
