@@ -61,6 +61,11 @@ def test_dots_report_and_selection(tmp_path):
     assert on_disk["selected"]["trial"] == expected["number"] and on_disk["pareto_front"]
     assert on_disk["settings"]["sampler"] == "random" and on_disk["timings"]["search_s"] > 0
 
+    # queries carry answer 1/2, and the fake's majority is 1/2 in some spelling (the
+    # other samples are all different): accuracy, reported only, is 1 in every trial
+    assert all(float(raw["accuracy"]) == 1.0 for raw in table)
+    assert on_disk["selected"]["accuracy"] == 1.0
+
     best = yaml.safe_load((out / "best.yml").read_text())
     assert [m["parameters"]["weight"] for m in best["models"]] == [expected["a"], expected["b"]]
     assert best["merge_method"] == "dots" and best["base_model"] == "base"

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
-from mergekit_rlvr.search.answers import extract_answer, majority_vote
+from mergekit_rlvr.search.answers import equivalent, extract_answer, majority_vote
 from mergekit_rlvr.search.queries import Query
 from mergekit_rlvr.search.settings import SearchSettings
 
@@ -45,6 +45,7 @@ class Measurement:
     generate_s: float = 0.0  # inside engine.generate
     score_s: float = 0.0  # answer extraction, voting, perplexity arithmetic
     stopped_early: bool = False
+    accuracy: Optional[float] = None  # majority answer vs the queries' `answer` (reported, never optimized)
 
 
 def mean_nll_of_prompt(output) -> Optional[float]:
@@ -90,6 +91,7 @@ def measure_dots(
     ppl_prompts: Sequence[str],
     settings: SearchSettings,
     stop_rule_for: Optional[Callable[[float], StopRule]] = None,
+    references: Optional[Sequence[Optional[str]]] = None,
 ) -> Measurement:
     """Consistency and perplexity of the engine's current weights on the queries.
 
@@ -108,6 +110,7 @@ def measure_dots(
     chunks = settings.chunks if should_stop is not None else 1
     bounds = [round(total * k / chunks) for k in range(chunks + 1)]
     per_query: List[float] = []
+    correct: List[bool] = []
     nlls: List[float] = []
     want_logprobs = settings.perplexity == "response"
     for lo, hi in zip(bounds, bounds[1:]):
@@ -119,9 +122,12 @@ def measure_dots(
         outputs = engine.generate(list(prompts[lo:hi]), params, use_tqdm=False)
         generate_s += time.perf_counter() - start
         start = time.perf_counter()
-        for output in outputs:
+        for index, output in zip(range(lo, hi), outputs):
             texts = [c.text for c in output.outputs]
-            per_query.append(majority_vote([extract_answer(t) for t in texts]).consistency)
+            vote = majority_vote([extract_answer(t) for t in texts])
+            per_query.append(vote.consistency)
+            if references is not None and references[index] is not None:
+                correct.append(vote.answer is not None and equivalent(vote.answer, references[index]))
             if want_logprobs:
                 nlls.extend(v for v in (response_mean_nll(c) for c in output.outputs) if v is not None)
         score_s += time.perf_counter() - start
@@ -131,7 +137,7 @@ def measure_dots(
     if want_logprobs:
         values["perplexity"] = math.exp(sum(nlls) / len(nlls)) if nlls else float("inf")
     return Measurement({"consistency": values["consistency"], "perplexity": values["perplexity"]},
-                       per_query, generate_s, score_s)
+                       per_query, generate_s, score_s, accuracy=sum(correct) / len(correct) if correct else None)
 
 
 def query_consistencies(engine, prompts: Sequence[str], settings: SearchSettings) -> (List[float], float):

@@ -30,14 +30,18 @@ def write_atomic(path: str, data: bytes) -> None:
         raise
 
 
-def trials_csv(rows: Sequence[Mapping[str, Any]], coefficients: Sequence[str], objectives: Sequence[str]) -> bytes:
-    """One row per finished trial: trial, state, a column per coefficient, objectives, timings."""
+def trials_csv(rows: Sequence[Mapping[str, Any]], coefficients: Sequence[str], objectives: Sequence[str],
+               reported: Sequence[str] = ()) -> bytes:
+    """One row per finished trial: trial, state, a column per coefficient, objectives,
+    reported-only columns (accuracy against the queries' answers), timings."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["trial", "state", *coefficients, *objectives, *TIMING_COLUMNS])
+    writer.writerow(["trial", "state", *coefficients, *objectives, *reported, *TIMING_COLUMNS])
     for row in rows:
         writer.writerow([row["number"], row["state"], *(repr(float(row[c])) for c in coefficients),
-                         *(repr(float(row[o])) for o in objectives), *(f"{row[t]:.6f}" for t in TIMING_COLUMNS)])
+                         *(repr(float(row[o])) for o in objectives),
+                         *("" if row.get(c) is None else repr(float(row[c])) for c in reported),
+                         *(f"{row[t]:.6f}" for t in TIMING_COLUMNS)])
     return out.getvalue().encode()
 
 

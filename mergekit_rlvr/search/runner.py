@@ -120,11 +120,12 @@ def run_search(
 
     if settings.objective == "dots":
         def measure(engine, stop_rule_for=None):
-            return measure_dots(engine, prompts["gen"], prompts["ppl"], settings, stop_rule_for)
+            return measure_dots(engine, prompts["gen"], prompts["ppl"], settings, stop_rule_for, references)
     else:
         def measure(engine, stop_rule_for=None):
             return measure_reasoning(engine, prompts["gen"], settings)
 
+    references = [q.answer for q in queries] if any(q.answer is not None for q in queries) else None
     evaluator = st.Evaluator(start_engine, measure, fixed)
     before = len(st.finished_trials(study))
 
@@ -171,7 +172,9 @@ def run_search(
         "swap_s": sum(r["swap_s"] for r in rows if math.isfinite(r["swap_s"])),
     }
     summary["queries"] = {"file": os.path.abspath(queries_path), "count": len(queries)}
-    files = {"trials.csv": rpt.trials_csv(rows, names, objectives), "summary.json": rpt.summary_json(summary)}
+    reported = ["accuracy"] if any("accuracy" in r for r in rows) else []
+    files = {"trials.csv": rpt.trials_csv(rows, names, objectives, reported),
+             "summary.json": rpt.summary_json(summary)}
     selected = summary["selected"]
     if selected is not None:
         files["best.yml"] = rpt.best_yaml(recipe, selected["coefficients"])
@@ -192,8 +195,11 @@ def _summarize(rows, settings: SearchSettings, searched, names, fixed, objective
     complete = [r for r in rows if r["state"] == "COMPLETE"]
 
     def entry(row):
-        return {"trial": row["number"], "coefficients": {n: row[n] for n in names},
-                "objectives": {o: row[o] for o in objectives}}
+        out = {"trial": row["number"], "coefficients": {n: row[n] for n in names},
+               "objectives": {o: row[o] for o in objectives}}
+        if "accuracy" in row:  # against the queries' answers: reported, never used to select
+            out["accuracy"] = row["accuracy"]
+        return out
 
     summary: Dict[str, Any] = {"objective": settings.objective, "searched": list(searched),
                                "storage": public_url(url), "study_name": study_name,

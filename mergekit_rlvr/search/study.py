@@ -160,6 +160,8 @@ def trial_rows(study, searched: Sequence[str], fixed: Dict[str, float], names: S
                 row[name] = float(record.get("partial", {}).get(name, math.nan))
         for key in ("wall_s", "swap_s", "generate_s", "score_s"):
             row[key] = float(record.get(key, math.nan))
+        if "accuracy" in record:
+            row["accuracy"] = float(record["accuracy"])
         rows.append(row)
     return rows
 
@@ -192,6 +194,8 @@ class Evaluator:
         measurement = self.measure(engine, stop_rule_for)
         record = {"swap_s": swap_s, "generate_s": measurement.generate_s, "score_s": measurement.score_s,
                   "per_query": [round(v, 6) for v in measurement.per_query]}
+        if measurement.accuracy is not None:
+            record["accuracy"] = measurement.accuracy
         if measurement.stopped_early:
             record["partial"] = dict(measurement.values)
         record["wall_s"] = time.perf_counter() - start
