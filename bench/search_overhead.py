@@ -8,7 +8,7 @@ run, on the same model, it times what the DoTS authors' code does per trial inst
 of a swap: materialize the merge with the real `mergekit-yaml` and start a fresh
 vLLM engine on it, and prints what that would have added for the same trials.
 
-    .venv/bin/python bench/search_overhead.py [--trials 8] [--queries 16] [--samples 5] [--max-tokens 128]
+    .venv/bin/python bench/search_overhead.py [--trials 16] [--queries 64] [--samples 5] [--max-tokens 256]
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ QUESTIONS = ["What is {a}+{b}?", "Compute {a}*{b}.", "What is {a}-{b}?", "Half o
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--queries", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--samples", type=int, default=5)
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=256)
     args = parser.parse_args()
 
     from mergekit_rlvr.search.engine import close_engine
