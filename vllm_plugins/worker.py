@@ -126,6 +126,15 @@ class HotSwapWorkerExtension:
 
     # -- RPCs ------------------------------------------------------------------
     def hotswap_load(self, spec: Dict[str, Any]) -> Dict[str, Any]:
+        previous = self._hotswap
+        try:
+            return self._hs_load(spec)
+        except BaseException:
+            if previous is not None and self._hotswap is previous:
+                self.hotswap_set(previous.coefficients)  # the weights as they were
+            raise
+
+    def _hs_load(self, spec: Dict[str, Any]) -> Dict[str, Any]:
         from mergekit_rlvr.decompose import decompose
 
         from vllm_plugins import packed
