@@ -141,9 +141,12 @@ def run_search(
 
     total = settings.trials if settings.objective == "dots" else (
         settings.grid + 1 if settings.strategy == "grid" else settings.max_steps)
+    if settings.objective == "dots" and before < settings.trials:
+        evaluator.get_engine()  # before the progress bar, so that its rate is the trials'
+    early_start_s = evaluator.engine_start_s
     bar = _Progress(total, before, describe, enabled=progress)
     search_start = time.perf_counter()
-    setup_s = search_start - started
+    setup_s = search_start - started - early_start_s
     try:
         if settings.objective == "dots":
             st.run_dots(study, evaluator, settings, searched, progress=bar)
@@ -151,7 +154,7 @@ def run_search(
             st.run_reasoning(study, evaluator, settings, searched[0], progress=bar)
     finally:
         bar.close()
-        search_s = time.perf_counter() - search_start - evaluator.engine_start_s
+        search_s = time.perf_counter() - search_start - (evaluator.engine_start_s - early_start_s)
         close_start = time.perf_counter()
         if evaluator.engine is not None and open_engine is None:
             close_engine(evaluator.engine)
