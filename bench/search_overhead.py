@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,12 +38,18 @@ def main():
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=256)
     args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="search-overhead-"))
+    try:
+        run(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
+
+def run(args, root: Path):
     from mergekit_rlvr.search.engine import close_engine
     from mergekit_rlvr.search.runner import run_search
     from mergekit_rlvr.toy.tiny import write_family
 
-    root = Path(tempfile.mkdtemp(prefix="search-overhead-"))
     family = write_family(str(root / "family"), {"sft": (0.3, 1.0), "rl": (0.01, 0.3)})
     recipe = {
         "merge_method": "dots",
