@@ -9,9 +9,9 @@ import click
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True)
 @click.option("--family", "family_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the toy family is trained and cached (default: OUT/family).")
-@click.option("--trials", type=int, default=24, show_default=True, help="Search trials.")
-@click.option("--queries", "n_queries", type=int, default=16, show_default=True, help="Selected queries.")
-@click.option("--samples", type=int, default=4, show_default=True, help="Answers per query.")
+@click.option("--trials", type=int, default=30, show_default=True, help="Search trials.")
+@click.option("--queries", "n_queries", type=int, default=24, show_default=True, help="Selected queries.")
+@click.option("--samples", type=int, default=6, show_default=True, help="Answers per query.")
 def demo(out, family_dir, trials, n_queries, samples):
     """Toy family -> analyze -> select-queries -> search -> mergekit-yaml -> serve -> evaluate.
     Writes OUT/summary.json and OUT/summary.png."""

@@ -46,8 +46,14 @@ def search_recipe(paths: Dict[str, str], trials: int, samples: int, engine: dict
     recipe = dots_recipe(paths, 1.0, 1.0)
     recipe["search"] = {
         "objective": "dots", "trials": trials, "sampler": "tpe", "bounds": [0.0, 2.0],
-        "samples": samples, "temperature": 0.6, "max_tokens": 40, "perplexity": "prompt",
+        # The paper samples at 0.6. The toy K answers are four independently sampled
+        # letters: at 0.6 every sample of a K query differs even where the merge
+        # answers it right greedily, and consistency cannot see task K at all (all
+        # K queries score 1/samples). At 0.3 it can (see README, "The toy family").
+        "samples": samples, "temperature": 0.3, "max_tokens": 40, "perplexity": "prompt",
         "select": "max_consistency", "seed": 0, "engine": engine,
+        # the toy prompts are complete as they are: no chat template, no appended instruction
+        "template": "{prompt}", "instruction": "",
     }
     return recipe
 
@@ -67,7 +73,12 @@ def evaluate_all(paths: Dict[str, str], eval_sets, merged: str) -> tuple:
     from mergekit_rlvr.toy.evaluate import evaluate, vllm_kwargs
 
     results, start_s = {}, None
-    for name, path in [("base", paths["base"]), ("sft", paths["sft"]), ("rl", paths["rl"]), ("merged", merged)]:
+    for name, path in [("base", paths["base"]), ("sft", paths["sft"]), ("rl", paths["rl"])]:
+        # Hugging Face greedy decoding gives the same answers as vLLM on these tiny
+        # models (checked in tests/test_toy.py) without three more engine starts.
+        results[name] = evaluate(path, eval_sets, backend="hf")
+        print(f"  {name:7s} " + "  ".join(f"{k}={v:.3f}" for k, v in results[name].items()), flush=True)
+    for name, path in [("merged", merged)]:
         started = time.perf_counter()
         llm = LLM(model=path, **vllm_kwargs())
         if name == "merged":
@@ -114,7 +125,8 @@ def plot(summary: dict, search_dir: Path, out: Path) -> None:
     if sel:
         right.scatter([sel["objectives"]["perplexity"]], [sel["objectives"]["consistency"]], marker="*", s=250,
                       c="tab:red", zorder=5, label="selected")
-    right.set_xlabel("perplexity (lower is better)")
+    right.set_xscale("log")
+    right.set_xlabel("perplexity (lower is better, log scale)")
     right.set_ylabel("consistency (higher is better)")
     right.set_title("label-free coefficient search")
     right.legend()
@@ -159,6 +171,11 @@ def run_demo(out: Path, family_dir: Path, trials: int, n_queries: int, samples: 
     queries = out / "queries.jsonl"
     timings["select_s"] = run(cli("select-queries", recipe, "--pool", pool, "--out", queries, "-n", n_queries,
                                   "--samples", samples), "select-queries")
+    kept = sum(1 for line in open(queries) if line.strip())
+    if kept < n_queries // 2:
+        print(f"  only {kept} queries passed the difficulty threshold 0.8; selecting again without it")
+        timings["select_s"] += run(cli("select-queries", recipe, "--pool", pool, "--out", queries, "-n", n_queries,
+                                       "--samples", samples, "--threshold", "1.0"), "select-queries")
 
     say(f"4/7 coefficient search: {trials} trials on one hot-swapped engine (no checkpoint written per trial)")
     search_dir = out / "search"
