@@ -32,6 +32,8 @@ API_KEY = "test-key-1234"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 STARTUP_TIMEOUT = 600  # seconds; a loaded 2-core machine needs a few minutes for three processes
 REQUEST_TIMEOUT = 120
+#: an in-flight request long enough (seconds of decoding even on an idle machine) for a swap to land inside it
+LONG_TOKENS = 2000
 #: Greedy, fixed length: every response has the same number of tokens.
 GEN_TOKENS = 24
 PROMPTS = [[5, 6, 7, 8], [20, 21, 22], [40, 41, 42, 43, 44], [60, 61]]
@@ -70,7 +72,7 @@ def start_server(recipe: Path, log: Path, *extra: str, env: dict | None = None) 
     cmd = [
         str(BIN / "mergekit-rlvr"), "serve", str(recipe),
         "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
-        "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager",
+        "--max-model-len", "4096", "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager",
         "--enable-scale-out",  # /inference/v1/generate: the engine's per-token weight versions
         *extra,
     ]
@@ -327,16 +329,19 @@ def test_drain_false_aborts_in_flight_requests_with_a_clear_error(server, tiny_f
     results, started = {}, threading.Event()
 
     def long_stream():
-        results["stream"] = stream_generate(server, PROMPTS[1], max_tokens=240, started=started)
+        results["stream"] = stream_generate(server, PROMPTS[1], max_tokens=LONG_TOKENS, started=started)
 
     def long_plain():
-        body = {"model": model, "prompt": "abc", "max_tokens": 240, "ignore_eos": True}
+        body = {"model": model, "prompt": "abc", "max_tokens": LONG_TOKENS, "ignore_eos": True}
         results["plain"] = requests.post(server.url + "/v1/completions", json=body, headers=AUTH,
                                          timeout=REQUEST_TIMEOUT)
 
-    threads = [threading.Thread(target=long_stream), threading.Thread(target=long_plain)]
-    for thread in threads:
-        thread.start()
+    # The plain request gives no sign that it is running: start it first and let it be
+    # admitted (it decodes for seconds) before the stream, whose first tokens we await.
+    threads = [threading.Thread(target=long_plain), threading.Thread(target=long_stream)]
+    threads[0].start()
+    time.sleep(1.0)
+    threads[1].start()
     assert started.wait(REQUEST_TIMEOUT)
     response = post_merge(server, {"coefficients": {rl: 0.25}, "drain": False})
     for thread in threads:
@@ -349,7 +354,7 @@ def test_drain_false_aborts_in_flight_requests_with_a_clear_error(server, tiny_f
 
     stream = results["stream"]
     assert stream["status"] == 200 and stream["version"] == str(version)
-    assert 0 < len(stream["tokens"]) < 240, stream  # cut short, only old-version tokens
+    assert 0 < len(stream["tokens"]) < LONG_TOKENS, stream  # cut short, only old-version tokens
     assert stream["error"]["code"] == 503
     assert f"swapped to version {version + 1} with drain=false" in stream["error"]["message"]
     plain = results["plain"]
@@ -368,7 +373,7 @@ def test_drain_timeout_reports_503_and_changes_nothing(server, tiny_family):
     results, started = {}, threading.Event()
 
     def long_stream():
-        results["stream"] = stream_generate(server, PROMPTS[2], max_tokens=240, started=started)
+        results["stream"] = stream_generate(server, PROMPTS[2], max_tokens=LONG_TOKENS, started=started)
 
     thread = threading.Thread(target=long_stream)
     thread.start()
@@ -379,8 +384,8 @@ def test_drain_timeout_reports_503_and_changes_nothing(server, tiny_family):
     assert "did not finish within 0.1 s" in response.json()["error"]["message"]
     assert get_merge(server).json() == before
     stream = results["stream"]  # the in-flight request was not disturbed
-    assert stream["error"] is None and len(stream["tokens"]) == 240
-    assert stream["spans"] == [{"version": str(before["version"]), "start": 0, "end": 240}]
+    assert stream["error"] is None and len(stream["tokens"]) == LONG_TOKENS
+    assert stream["spans"] == [{"version": str(before["version"]), "start": 0, "end": LONG_TOKENS}]
 
 
 # ----------------------------------------------------------------------------- no engine

@@ -31,7 +31,7 @@ def tiny_config(vocab_size: int, hidden: int = 128, layers: int = 2, intermediat
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=1,
-        max_position_embeddings=512,
+        max_position_embeddings=4096,
         tie_word_embeddings=False,
         dtype="float32",
         bos_token_id=1,
