@@ -291,51 +291,20 @@ class Decomposition:
         return group, parameters, dtype
 
     def _vectors(self, task: TensorTask, group, parameters) -> List[Any]:
-        """Mirrors the kernels' ``merge`` (mergekit_rlvr.kernels), minus ``combine``."""
+        """The kernels' own ``vectors`` (what their ``merge`` combines); task_arithmetic
+        is mergekit's, so its vectors are built here."""
         base = group.base.tensor
         name = group.metadata.name or ""
         entries = group.non_base
         if [e.id for e in entries] != list(self.models):
             raise UserError(f"tensor {name}: inputs {[str(e.id) for e in entries]} differ from the recipe's models")
-        if self.method == "dots":
-            from mergekit_rlvr.kernels.base import label
-            from mergekit_rlvr.methods.dots import check_density, dots_vector
+        if self.method in ("dots", "sar", "reasoning_interp"):
+            from mergekit_rlvr.methods.common import MaskedVector
 
-            rescale = parameters["rescale"]
-            vectors = []
-            for index, entry in enumerate(entries):
-                d = check_density(parameters["density"][entry.id], f"density of model {label(entry.id)}")
-                gamma = threshold = None
-                if self._context is not None:
-                    gamma = self._context.gamma(index, rescale)
-                    threshold = self._context.thresholds[index].get(name)
-                vectors.append(dots_vector(base, entry.tensor, d, rescale, gamma=gamma, threshold=threshold))
-            self._check_weights(task, [parameters["weight"][e.id] for e in entries])
-            return vectors
-        if self.method == "sar":
-            from mergekit_rlvr.methods.sar import check_drop_rate, check_epsilon, sar_vector
-
-            stores = self._context or {}
-            fishers = [None] * len(entries)
-            if all(stores.get(e.id) is not None for e in entries):
-                fishers = [stores[e.id].get(name, base.shape).to(base.device) for e in entries]
-            vector = sar_vector(
-                base,
-                [e.tensor for e in entries],
-                fishers,
-                drop_rate=check_drop_rate(parameters["drop_rate"]),
-                epsilon=check_epsilon(parameters["epsilon"]),
-                seed=parameters["seed"],
-                name=name,
-            )
-            self._check_weights(task, [parameters["scale"]])
-            return [vector]
-        if self.method == "reasoning_interp":
-            from mergekit_rlvr.methods.reasoning_interp import interp_vector
-
-            (sft,) = entries
-            self._check_weights(task, [parameters["alpha"]])
-            return [interp_vector(base, sft.tensor)]
+            vectors, coefficients = _kernel(self.method).vectors(group, self._context, **parameters)
+            self._check_weights(task, coefficients)
+            # the kernels' full-shape layout, compacted for storage beside the weights (same bits)
+            return [v.compact() if isinstance(v, MaskedVector) else v for v in vectors]
         # task_arithmetic: tau_j (times lambda), coefficient = weight
         from mergekit_rlvr.methods.common import task_vector
 

@@ -140,8 +140,18 @@ class PreparedMergeMethod(GroupMergeMethod):
     def context_key(self, parameters: Dict[str, Any]) -> Hashable:
         return ()
 
-    def merge(self, group: TensorGroup, context: Any, **parameters) -> torch.Tensor:
+    def vectors(self, group: TensorGroup, context: Any, **parameters) -> Tuple[list, List[float]]:
+        """(fixed vectors, coefficients) of one tensor: theta = base + sum_j c_j v_j.
+        The one place a method's per-tensor glue lives; the hot-swap's
+        decomposition calls it too."""
         raise NotImplementedError
+
+    def merge(self, group: TensorGroup, context: Any, **parameters) -> torch.Tensor:
+        from mergekit_rlvr.methods.common import combine
+
+        vectors, coefficients = self.vectors(group, context, **parameters)
+        base = group.base.tensor
+        return combine(base, vectors, coefficients, out_dtype=base.dtype)
 
     # -- mergekit interface -------------------------------------------------
     def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:

@@ -15,7 +15,6 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked, choice, label
-from mergekit_rlvr.methods.common import combine
 from mergekit_rlvr.methods.dots import (
     DEFAULT_DENSITY,
     RESCALE_MODES,
@@ -59,7 +58,7 @@ class DotsMerge(PreparedMergeMethod):
             return None
         return dots_stats(triples, densities)
 
-    def merge(self, group: TensorGroup, context, *, weight, density, rescale) -> torch.Tensor:
+    def vectors(self, group: TensorGroup, context, *, weight, density, rescale):
         base = group.base.tensor
         name = group.metadata.name or ""
         vectors, coefficients = [], []
@@ -71,7 +70,7 @@ class DotsMerge(PreparedMergeMethod):
                 threshold = context.thresholds[index].get(name)
             vectors.append(dots_masked_vector(base, entry.tensor, d, rescale, gamma=gamma, threshold=threshold))
             coefficients.append(weight[entry.id])
-        return combine(base, vectors, coefficients, out_dtype=base.dtype)
+        return vectors, coefficients
 
 
 dots_merge = DotsMerge()

@@ -13,7 +13,6 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked
-from mergekit_rlvr.methods.common import combine
 from mergekit_rlvr.methods.reasoning_interp import DEFAULT_ALPHA, check_alpha, interp_vector
 
 
@@ -31,11 +30,9 @@ class ReasoningInterpMerge(PreparedMergeMethod):
         check_alpha(parameters["alpha"])
         return super().prepare(triples, parameters)
 
-    def merge(self, group: TensorGroup, context, *, alpha) -> torch.Tensor:
-        base = group.base.tensor
+    def vectors(self, group: TensorGroup, context, *, alpha):
         (sft,) = group.non_base
-        vector = interp_vector(base, sft.tensor)
-        return combine(base, [vector], [check_alpha(alpha)], out_dtype=base.dtype)
+        return [interp_vector(group.base.tensor, sft.tensor)], [check_alpha(alpha)]
 
 
 reasoning_interp_merge = ReasoningInterpMerge()

@@ -17,7 +17,6 @@ from mergekit.merge_methods.base import (
 
 from mergekit_rlvr.io.fisher import fisher_store
 from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked, label
-from mergekit_rlvr.methods.common import combine
 from mergekit_rlvr.methods.sar import (
     DEFAULT_DROP_RATE,
     DEFAULT_EPSILON,
@@ -67,10 +66,11 @@ class SarMerge(PreparedMergeMethod):
                     store.get(name, base.shape)  # names and shapes match the model
         return stores
 
-    def merge(self, group: TensorGroup, stores, *, fisher, drop_rate, scale, seed, epsilon) -> torch.Tensor:
+    def vectors(self, group: TensorGroup, stores, *, fisher, drop_rate, scale, seed, epsilon):
         base = group.base.tensor
         name = group.metadata.name or ""
         entries = group.non_base
+        stores = stores or {}
         fishers = [None] * len(entries)
         if all(stores.get(e.id) is not None for e in entries):
             fishers = [stores[e.id].get(name, base.shape).to(base.device) for e in entries]
@@ -83,7 +83,7 @@ class SarMerge(PreparedMergeMethod):
             seed=seed,
             name=name,
         )
-        return combine(base, [vector], [scale], out_dtype=base.dtype)
+        return [vector], [scale]
 
 
 sar_merge = SarMerge()
