@@ -12,7 +12,8 @@ materialized merge bit for bit (dots, sar, reasoning_interp).
 
 Coefficient names: ``dots`` and ``task_arithmetic`` have one per model, named by
 the recipe's ``model:`` string, in recipe order; ``sar`` has ``scale``;
-``reasoning_interp`` has ``alpha``.
+``reasoning_interp`` has ``alpha``. With ``search.groups`` (:mod:`mergekit_rlvr.groups`)
+each becomes one coefficient per module group, ``name@group``.
 """
 
 from __future__ import annotations
@@ -73,23 +74,51 @@ def recipe_with_coefficients(recipe: Mapping[str, Any], coefficients) -> Dict[st
     """A copy of ``recipe`` with ``coefficients`` (dict by name, or list in
     ``coefficient_names_of`` order) written where mergekit reads them: each
     model's ``parameters.weight`` (dots, task_arithmetic), top-level
-    ``parameters.scale`` (sar) or ``parameters.alpha`` (reasoning_interp)."""
+    ``parameters.scale`` (sar) or ``parameters.alpha`` (reasoning_interp).
+    With ``search.groups``: a dict of grouped names (``name@group``), written as
+    mergekit's conditional ``filter`` lists."""
+    from mergekit_rlvr import groups as grp
+
     out = copy.deepcopy(dict(recipe))
     names = coefficient_names_of(out)
-    values = normalize_coefficients(names, coefficients)
+    layout = grp.of_recipe(out)
+    if layout is not None:
+        by_name = _grouped_settings(names, layout, coefficients)
+    else:
+        by_name = dict(zip(names, normalize_coefficients(names, coefficients)))
     method = out["merge_method"]
     if method in ("sar", "reasoning_interp"):
         params = out.get("parameters") or {}
-        params[names[0]] = values[0]
+        params[names[0]] = by_name[names[0]]
         out["parameters"] = params
         return out
-    by_name = dict(zip(names, values))
     for entry in out.get("models") or []:
         name = _model_string(entry.get("model"))
         if name in by_name:
             params = entry.get("parameters") or {}
             params["weight"] = by_name[name]
             entry["parameters"] = params
+    return out
+
+
+def _grouped_settings(names: Sequence[str], layout, coefficients) -> Dict[str, Any]:
+    """name -> the value mergekit reads: a number, or a conditional list per group."""
+    from mergekit_rlvr import groups as grp
+
+    if not isinstance(coefficients, Mapping):
+        raise UserError("with search.groups, coefficients are given as a dict of name@group -> value")
+    per: Dict[str, Dict[Optional[str], float]] = {n: {} for n in names}
+    keys = list(coefficients)
+    for key, value in zip(keys, normalize_coefficients(keys, coefficients)):
+        base, group = grp.split(key, layout, names)
+        per[base][group] = value
+    out: Dict[str, Any] = {}
+    for name in names:
+        values = per[name]
+        if not values:
+            raise UserError(f"coefficient {name!r} is missing (give {name}@group or {name})")
+        rest = values.pop(None, None)
+        out[name] = layout.conditional(values, rest) if values else rest
     return out
 
 
@@ -153,6 +182,8 @@ class TensorTask:
     name: str
     task: Any  # mergekit ExecuteMergeMethodTask
     save_dtype: Any  # torch.dtype or None: what mergekit writes (out_dtype / force_dtype)
+    slots: List[int] = field(default_factory=list)  # per vector: its coefficient's index
+    group: Optional[str] = None  # search.groups group (None: ungrouped or the rest)
 
 
 @dataclass
@@ -186,7 +217,11 @@ class Decomposition:
         if self.method == "reasoning_interp":
             from mergekit_rlvr.methods.reasoning_interp import check_alpha
 
-            check_alpha(values[0])
+            for name, value in zip(self.coefficient_names, values):  # alpha, or alpha@group
+                try:
+                    check_alpha(value)
+                except ValueError as error:
+                    raise UserError(f"coefficient {name!r}: {error}") from None
         return values
 
     def prepare(self) -> None:
@@ -241,7 +276,7 @@ class Decomposition:
 
         values = self.coefficients if coefficients is None else self.check_coefficients(coefficients)
         base, vectors = self.tensor(task)
-        out = combine(base, vectors, values, out_dtype=base.dtype)
+        out = combine(base, vectors, [values[i] for i in task.slots], out_dtype=base.dtype)
         return out.to(task.save_dtype) if task.save_dtype is not None else out
 
     # -- internals --------------------------------------------------------------
@@ -319,11 +354,16 @@ class Decomposition:
         return vectors
 
     def _check_weights(self, task: TensorTask, values: Sequence[float]) -> None:
-        for name, value, expected in zip(self.coefficient_names, values, self.coefficients):
+        for slot, value in zip(task.slots, values):
+            name, expected = self.coefficient_names[slot], self.coefficients[slot]
             if float(value) != float(expected):
+                from mergekit_rlvr.groups import of_recipe
+
+                hint = ("filters finer than search.groups, or gradients" if of_recipe(self.recipe) is not None
+                        else "no filters or gradients on it; search.groups gives one per module group")
                 raise UserError(
                     f"coefficient {name!r} is {value} for tensor {task.name} but {expected} elsewhere;"
-                    " hot-swap needs one value per coefficient (no filters or gradients on it)"
+                    f" hot-swap needs one value per coefficient ({hint})"
                 )
 
 
@@ -397,14 +437,7 @@ def decompose(recipe: RecipeLike, *, trust_remote_code: bool = False) -> Decompo
     if not tasks:
         raise UserError(f"{where}: mergekit plans no tensors")
 
-    # recipe values of the coefficients, as mergekit resolves them for the first tensor
-    first = tasks[0].task
-    if method == "sar":
-        coefficients = [float(first.parameters["scale"])]
-    elif method == "reasoning_interp":
-        coefficients = [float(first.parameters["alpha"])]
-    else:
-        coefficients = [float(first.input_parameters[m]["weight"]) for m in models]
+    names, coefficients = _assign_slots(tasks, method, models, names, data)
     merge_methods.get(method)  # registered (our kernels) or a clear error from mergekit
     return Decomposition(
         method=method,
@@ -418,6 +451,37 @@ def decompose(recipe: RecipeLike, *, trust_remote_code: bool = False) -> Decompo
         coefficients=coefficients,
         tasks=tasks,
     )
+
+
+def _assign_slots(tasks: List[TensorTask], method: str, models, names: List[str], data) -> Tuple[List[str], List[float]]:
+    """Coefficient names and recipe values (as mergekit resolves them for the first
+    tensor of each group), and every task's slots."""
+    from mergekit_rlvr import groups as grp
+
+    def values_of(task) -> List[float]:
+        if method in ("sar", "reasoning_interp"):
+            return [float(task.parameters[names[0]])]
+        return [float(task.input_parameters[m]["weight"]) for m in models]
+
+    layout = grp.of_recipe(data)
+    if layout is None:
+        for task in tasks:
+            task.slots = list(range(len(names)))
+        return names, values_of(tasks[0].task)
+    for task in tasks:
+        task.group = layout.group_of(task.name)
+    present = [g for g in layout.names if any(t.group == g for t in tasks)]
+    if any(t.group is None for t in tasks):
+        present.append(None)
+    expanded = [grp.grouped(n, g) for n in names for g in present]
+    index = {name: i for i, name in enumerate(expanded)}
+    values: List[Optional[float]] = [None] * len(expanded)
+    for task in tasks:
+        task.slots = [index[grp.grouped(n, task.group)] for n in names]
+        if any(values[s] is None for s in task.slots):
+            for slot, value in zip(task.slots, values_of(task.task)):
+                values[slot] = value
+    return expanded, [float(v) for v in values]
 
 
 def absolute_recipe(recipe: RecipeLike) -> Dict[str, Any]:

@@ -66,7 +66,23 @@ def recipes(family):
             "parameters": {"alpha": 0.65},
             "dtype": "float32",
         },
+        # one coefficient per module group, written as search's best.yml writes them
+        "dots_groups": {
+            "merge_method": "dots",
+            "base_model": family["base"],
+            "models": [
+                {"model": family[name], "parameters": {"density": 0.3, "weight": [
+                    {"filter": "attn", "value": a}, {"filter": "mlp", "value": m},
+                    {"filter": "norm", "value": n}, {"value": rest}]}}
+                for name, (a, m, n, rest) in GROUP_VALUES.items()
+            ],
+            "dtype": "float32",
+            "search": {"groups": ["attention", "mlp", "norms"]},
+        },
     }
+
+
+GROUP_VALUES = {"sft": (0.4, 1.7, 0.9, 1.2), "rl": (1.5, 0.2, 1.1, 0.6)}
 
 
 #: coefficients the engine is set to before swapping to the recipe's own
@@ -156,6 +172,25 @@ def _recipe_value(recipe, method, name):
     if method in ("sar", "reasoning_interp"):
         return recipe["parameters"][name]
     return next(m["parameters"]["weight"] for m in recipe["models"] if m["model"] == name)
+
+
+def test_grouped_swap_equals_fresh_engine_on_materialized_merge(engine, setup, tiny_family):
+    """search.groups: the recipe's filter values are read back as name@group
+    coefficients; set from a detour they give mergekit-yaml's output exactly."""
+    recipe, merged = setup["dots_groups"]
+    engine.load_recipe(str(recipe), coefficients=[0.1, 2.0] * 4)
+    run(engine)
+    target = {}
+    for name, values in GROUP_VALUES.items():
+        for group, value in zip(("@attention", "@mlp", "@norms", ""), values):
+            target[tiny_family[name] + group] = value
+    assert list(engine.coefficients) == list(target)
+    engine.set_coefficients(target)
+    ours = run(engine)
+    weights = engine.read_weights()[0]
+    theirs, fresh_weights = fresh(merged)
+    assert ours == theirs
+    assert_same_weights(weights, fresh_weights)
 
 
 def test_both_paths_give_the_same_weights(engine, setup):

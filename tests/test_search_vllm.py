@@ -149,3 +149,34 @@ def test_select_queries_end_to_end(engine, recipe, tmp_path):
         expected = 1.0 - sum(row["consistency"].values()) / len(names)
         assert row["difficulty"] == pytest.approx(expected) and row["split"] in ("low", "medium")
         assert QUESTIONS[row["id"]] == row["prompt"]
+
+
+def test_grouped_search_writes_filters_that_mergekit_materializes(engine, recipe, queries, tmp_path):
+    """search.groups: one search dimension per (model, group); best.yml carries them as
+    mergekit filter lists and mergekit-yaml writes exactly the searched merge."""
+    import torch
+
+    from mergekit_rlvr.decompose import decompose, load_recipe
+    from mergekit_rlvr.search.runner import run_search
+
+    grouped = load_recipe(str(recipe))
+    grouped["search"]["groups"] = ["attention", "mlp"]
+    path = write_recipe(tmp_path / "grouped.yml", grouped)
+    engine.load_recipe(str(path))
+    try:
+        summary = run_search(str(path), queries, str(tmp_path / "out"), {"trials": 2},
+                             open_engine=opener(engine, []), progress=False)
+    finally:
+        engine.load_recipe(str(recipe))
+    d = decompose(str(path))
+    names = d.coefficient_names
+    assert len(names) == 6 and summary["searched"] == names and names[1].endswith("@mlp")
+    chosen = summary["selected"]["coefficients"]
+    assert list(chosen) == names and len(set(chosen.values())) == 6
+    best = yaml.safe_load((tmp_path / "out" / "best.yml").read_text())
+    weight = best["models"][0]["parameters"]["weight"]
+    assert [c.get("filter") for c in weight] == ["attn", "self_attention", "mlp", "feed_forward", None]
+    mergekit_yaml(tmp_path / "out" / "best.yml", tmp_path / "merged")
+    state = load_state(tmp_path / "merged")
+    for task in d.tasks:
+        assert torch.equal(d.merged(task, chosen), state[task.name]), task.name

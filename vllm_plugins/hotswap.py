@@ -32,19 +32,22 @@ class HotSwapLLM:
         *,
         paths: str = "auto",
         coefficients: Optional[Union[Dict[str, float], Sequence[float]]] = None,
+        groups: Any = None,
         **llm_kwargs,
     ) -> "HotSwapLLM":
         """Start ``vllm.LLM(model=<base>, **llm_kwargs)`` once and load the recipe's
         vectors on every worker. ``recipe``: a YAML path or a dict. Invalid recipes
         (unsupported method, checkpoints that do not match the base) raise a
-        ValueError (``mergekit_rlvr.errors.UserError``) before the engine starts."""
-        from mergekit_rlvr.decompose import coefficient_names_of, decompose, load_recipe
+        ValueError (``mergekit_rlvr.errors.UserError``) before the engine starts.
+        ``groups``: one coefficient per module group (see :mod:`mergekit_rlvr.groups`;
+        default: the recipe's ``search.groups``)."""
+        from mergekit_rlvr.decompose import decompose
 
         from vllm_plugins.spec import load_spec
 
-        data = load_recipe(recipe)
-        names = coefficient_names_of(data)
+        data = _with_groups(recipe, groups)
         d = decompose(data, trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
+        names = d.coefficient_names
         d.prepare()  # checks every checkpoint against the base before the engine starts
         values = None
         if coefficients is not None:
@@ -61,19 +64,20 @@ class HotSwapLLM:
             self._values = values
         return self
 
-    def load_recipe(self, recipe, *, paths: str = "auto", coefficients=None) -> List[Dict[str, Any]]:
+    def load_recipe(self, recipe, *, paths: str = "auto", coefficients=None, groups: Any = None
+                    ) -> List[Dict[str, Any]]:
         """Switch this engine to another recipe on the same base model (its vectors
         replace the current ones; its coefficients, or ``coefficients``, are applied)."""
         import os
 
-        from mergekit_rlvr.decompose import coefficient_names_of, decompose, load_recipe
+        from mergekit_rlvr.decompose import decompose
         from mergekit_rlvr.errors import UserError
 
         from vllm_plugins.spec import load_spec
 
-        data = load_recipe(recipe)
-        names = coefficient_names_of(data)
+        data = _with_groups(recipe, groups)
         d = decompose(data)
+        names = d.coefficient_names
         if os.path.realpath(d.base_path) != os.path.realpath(self._d.base_path):
             raise UserError(f"recipe base_model {d.base_path} is not this engine's base {self._d.base_path}")
         d.prepare()
@@ -150,6 +154,16 @@ class HotSwapLLM:
         if name in ("llm", "_d"):
             raise AttributeError(name)
         return getattr(self.llm, name)
+
+
+def _with_groups(recipe, groups) -> Dict[str, Any]:
+    """The recipe as a dict, with ``search.groups`` set when ``groups`` is given."""
+    from mergekit_rlvr.decompose import load_recipe
+
+    data = load_recipe(recipe)
+    if groups is not None:
+        data["search"] = {**(data.get("search") or {}), "groups": groups}
+    return data
 
 
 def _by_position(names: List[str], internal: List[str], coefficients):

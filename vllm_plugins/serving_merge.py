@@ -116,10 +116,11 @@ def check_method_values(method: str | None, names: list[str], values: list[float
     if method == "reasoning_interp":
         from mergekit_rlvr.methods.reasoning_interp import check_alpha
 
-        try:
-            check_alpha(values[names.index("alpha")])
-        except ValueError as error:
-            raise MergeRequestError(400, f"coefficient 'alpha': {error}") from None
+        for name, value in zip(names, values):  # alpha, or alpha@group per module group
+            try:
+                check_alpha(value)
+            except ValueError as error:
+                raise MergeRequestError(400, f"coefficient {name!r}: {error}") from None
 
 
 def _number(name: str, value) -> float:

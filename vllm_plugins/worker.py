@@ -50,6 +50,7 @@ class _InPlace:
     base: torch.Tensor  # merge dtype, parameter layout
     vectors: List[Any]  # packed.Stored, parameter layout
     save_dtype: Optional[torch.dtype]
+    slots: List[int]  # per vector: the index of its coefficient (search.groups)
 
 
 @dataclass
@@ -58,11 +59,12 @@ class _Reload:
     base: torch.Tensor  # merge dtype, checkpoint layout (or the entries at ``index``)
     vectors: List[Any]
     save_dtype: Optional[torch.dtype]
+    slots: List[int]
     index: Optional[torch.Tensor] = None  # flat positions this rank's loaders read (tensor parallel)
     shape: Optional[torch.Size] = None
 
     def tensor(self, values: List[float]) -> torch.Tensor:
-        merged = _combine(self.base, self.vectors, values, self.save_dtype)
+        merged = _combine(self.base, self.vectors, [values[i] for i in self.slots], self.save_dtype)
         if self.index is None:
             return merged
         # the loaders read only this rank's entries; the rest is never looked at
@@ -153,6 +155,7 @@ class HotSwapWorkerExtension:
 
         # 1. where vLLM's loaders put each checkpoint tensor (this rank's shard, fused)
         bases = {task.name: d.base_tensor(task) for task in d.tasks}
+        slots = {task.name: list(task.slots) for task in d.tasks}
         layout = record_layout(model, [(n, b.shape, b.dtype) for n, b in bases.items()])
         by_checkpoint: Dict[str, List[str]] = {}
         for pname, pl in layout.params.items():
@@ -173,7 +176,8 @@ class HotSwapWorkerExtension:
             if ok:
                 expect = pl.replay({c: bases[c] for c in pl.checkpoints}, p.detach().clone())
                 ok = torch.equal(expect, p.detach())
-            plain[pname] = ok
+            # one coefficient per vector for the whole parameter (fused tensors of one group)
+            plain[pname] = ok and len({tuple(slots[c]) for c in pl.checkpoints}) == 1
         modules: Dict[str, bool] = {}
         named = dict(model.named_modules(remove_duplicate=False))
         for pname, ok in plain.items():
@@ -211,7 +215,7 @@ class HotSwapWorkerExtension:
                     base, vectors = _restrict(base, vectors, index)
                 state.reload.append(
                     _Reload(task.name, base.to(device), [_to(packed.store(v, base), device) for v in vectors],
-                            task.save_dtype, None if index is None else index.to(device),
+                            task.save_dtype, list(task.slots), None if index is None else index.to(device),
                             None if index is None else shape)
                 )
                 for p in targets:
@@ -228,6 +232,7 @@ class HotSwapWorkerExtension:
                         "mask": [torch.zeros(pl.shape, dtype=torch.bool) if _is_sparse(v) else None
                                  for v in vectors],
                         "save": task.save_dtype,
+                        "slots": list(task.slots),
                     }
                 single = _only(pl, task.name)
                 single.replay({task.name: base}, entry["base"])
@@ -248,7 +253,8 @@ class HotSwapWorkerExtension:
                             from mergekit_rlvr.methods.common import SparseVector
 
                             stored.append(_to(packed.store(SparseVector(mask, dense[mask]), entry["base"]), device))
-                    state.inplace.append(_InPlace(pname, live[pname], entry["base"].to(device), stored, entry["save"]))
+                    state.inplace.append(_InPlace(pname, live[pname], entry["base"].to(device), stored, entry["save"],
+                                                  entry["slots"]))
                     state.paths[pname] = "inplace"
         if pending:  # a parameter whose checkpoint tensors were not all planned: cannot happen with mergekit plans
             raise RuntimeError(f"hot-swap: incomplete parameters {sorted(pending)}")
@@ -281,7 +287,7 @@ class HotSwapWorkerExtension:
                 reload_seconds = self._hs_reload(state, values)
             t_inplace = time.perf_counter()
             for entry in state.inplace:
-                merged = _combine(entry.base, entry.vectors, values, entry.save_dtype)
+                merged = _combine(entry.base, entry.vectors, [values[i] for i in entry.slots], entry.save_dtype)
                 entry.param.data.copy_(merged)
             inplace_seconds = time.perf_counter() - t_inplace
         for reset in ("reset_encoder_cache", "reset_mm_cache"):

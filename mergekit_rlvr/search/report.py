@@ -108,13 +108,19 @@ def pareto_png(rows, front, selected) -> bytes:
 
 def objectives_png(rows, coefficients: Sequence[str], objectives: Sequence[str], selected,
                    rho_min: Optional[float] = None) -> bytes:
-    """A panel per (objective, coefficient): the objective against that coefficient."""
+    """A panel per (objective, coefficient): the objective against that coefficient
+    (at most five panels a row; per-group coefficients make many)."""
     done = [r for r in rows if r["state"] == "COMPLETE"]
-    fig = _figure(4.2 * len(coefficients), 3.2 * len(objectives))
-    axes = fig.subplots(len(objectives), len(coefficients), squeeze=False)
+    columns = min(len(coefficients), 5)
+    per_objective = -(-len(coefficients) // columns)
+    fig = _figure(4.2 * columns, 3.2 * len(objectives) * per_objective)
+    axes = fig.subplots(len(objectives) * per_objective, columns, squeeze=False)
+    block = per_objective * columns  # panels of one objective, the last row padded
+    for k, ax in enumerate(axes.flat):
+        ax.set_visible(k % block < len(coefficients))
     for i, objective in enumerate(objectives):
         for j, name in enumerate(coefficients):
-            ax = axes[i][j]
+            ax = axes.flat[i * block + j]
             points = sorted((r[name], r[objective]) for r in done)
             style = "o-" if objective == "reasoning_rate" else "o"
             ax.plot([p[0] for p in points], [p[1] for p in points], style, ms=4, c="tab:blue")

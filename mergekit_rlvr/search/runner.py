@@ -23,8 +23,13 @@ from mergekit_rlvr.search.study import public_url
 
 
 def recipe_coefficients(recipe: Mapping[str, Any]) -> Dict[str, float]:
-    """The recipe's own coefficient values by name (engine order), from the recipe alone."""
-    from mergekit_rlvr.decompose import _model_string, coefficient_names_of
+    """The recipe's own coefficient values by name (engine order), from the recipe
+    alone; with ``search.groups``, from mergekit's plan (configs and indexes only)."""
+    from mergekit_rlvr.decompose import _model_string, coefficient_names_of, decompose
+    from mergekit_rlvr.groups import of_recipe
+
+    if of_recipe(recipe) is not None:
+        return decompose(recipe).coefficient_dict()
 
     names = coefficient_names_of(recipe)
     method = recipe.get("merge_method")
@@ -97,6 +102,10 @@ def run_search(
     recipe = load_recipe(recipe_path)
     settings = load_settings(recipe.get("search"), overrides, str(recipe.get("merge_method", "")))
     queries = load_queries(queries_path)
+    recipe_arg: Any = recipe_path
+    if (overrides or {}).get("groups") is not None:  # the engine and best.yml use the same groups
+        recipe["search"] = {**(recipe.get("search") or {}), "groups": settings.groups}
+        recipe_arg = recipe
     fixed = recipe_coefficients(recipe)
     names = list(fixed)
     searched = _searched(settings, names)
@@ -106,7 +115,6 @@ def run_search(
     study = st.open_study(settings, url, searched)
 
     engine_kwargs = dict(settings.engine)
-    recipe_arg = recipe_path
     prompts: Dict[str, List[str]] = {}
 
     def start_engine():
@@ -261,8 +269,13 @@ def run_select_queries(
     settings = load_settings(recipe.get("search"), {**(overrides or {}), "samples": samples, "seed": seed,
                                                     "objective": "dots"}, "dots")
     pool = load_queries(pool_path)
+    recipe_arg: Any = recipe_path
+    if (recipe.get("search") or {}).get("groups") is not None:
+        # each source alone: one coefficient per model is all this needs
+        recipe["search"] = {k: v for k, v in recipe["search"].items() if k != "groups"}
+        recipe_arg = recipe
     names = list(recipe_coefficients(recipe))
-    engine = (open_engine or (lambda r, k: open_hotswap(r, k)[0]))(recipe_path, dict(settings.engine))
+    engine = (open_engine or (lambda r, k: open_hotswap(r, k)[0]))(recipe_arg, dict(settings.engine))
     try:
         tokenizer = engine.get_tokenizer()
         prompts = [build_prompt(tokenizer, q.prompt, settings) for q in pool]

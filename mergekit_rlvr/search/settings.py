@@ -47,6 +47,8 @@ class SearchSettings:
     instruction: str = DEFAULT_INSTRUCTION
     # coefficients to search (default: all of HotSwapLLM.coefficients); others stay fixed
     coefficients: Optional[List[str]] = None
+    # one coefficient per module group (mergekit_rlvr.groups): true, [attention, mlp, ...] or {name: [filters]}
+    groups: Any = None
     # Optuna
     storage: Optional[str] = None
     study_name: str = "search"
@@ -96,6 +98,11 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if isinstance(value, str) or not all(isinstance(v, str) for v in value):
             _fail(key, f"expected a list of coefficient names, got {value!r}")
         return list(value)
+    if key == "groups":
+        from mergekit_rlvr.groups import parse
+
+        parse(value)  # errors name search.groups
+        return value
     if key in ("storage",):
         return None if value is None else str(value)
     if isinstance(default, bool):
