@@ -488,11 +488,10 @@ def absolute_recipe(recipe: RecipeLike) -> Dict[str, Any]:
     """The recipe with local model paths made absolute (so another process with
     another working directory reads the same files)."""
     data = load_recipe(recipe)
+    absolute = {written: path for path, written in model_aliases(data).items()}
 
     def fix(value):
-        if isinstance(value, str) and os.path.isdir(value) and not os.path.isabs(value):
-            return os.path.abspath(value)
-        return value
+        return absolute.get(value, value) if isinstance(value, str) else value
 
     if "base_model" in data:
         data["base_model"] = fix(data["base_model"])
@@ -500,3 +499,26 @@ def absolute_recipe(recipe: RecipeLike) -> Dict[str, Any]:
         if isinstance(entry, dict):
             entry["model"] = fix(entry.get("model"))
     return data
+
+
+def model_aliases(recipe: RecipeLike) -> Dict[str, str]:
+    """absolute path -> the ``model:`` string as written, for the local paths that
+    ``absolute_recipe`` rewrites (so coefficient names stay as the user wrote them)."""
+    data = load_recipe(recipe)
+    out = {}
+    for value in [data.get("base_model")] + [e.get("model") for e in data.get("models") or [] if isinstance(e, dict)]:
+        if isinstance(value, str) and os.path.isdir(value) and not os.path.isabs(value):
+            out[os.path.abspath(value)] = value
+    return out
+
+
+def names_as_written(names: Sequence[str], aliases: Mapping[str, str]) -> List[str]:
+    """Coefficient names (``model`` or ``model@group``) with aliased model paths."""
+    out = []
+    for name in names:
+        for absolute, written in aliases.items():
+            if name == absolute or name.startswith(absolute + "@"):
+                name = written + name[len(absolute):]
+                break
+        out.append(name)
+    return out

@@ -301,3 +301,17 @@ def test_mismatched_checkpoint_refused_before_the_engine_starts(tiny_family, tmp
         HotSwapLLM.from_recipe(recipe, **ENGINE)
     with pytest.raises(ValueError, match="supported: dots, sar, reasoning_interp, task_arithmetic"):
         HotSwapLLM.from_recipe(dict(recipe, merge_method="slerp"), **ENGINE)
+
+
+def test_relative_model_paths_keep_their_names_in_the_workers(engine, setup, monkeypatch):
+    """Workers read absolute paths, but report the names as written (what serve's
+    /v1/merge accepts, and what search's best.yml uses)."""
+    recipe = yaml.safe_load(setup["dots_groups"][0].read_text())
+    root = Path(recipe["base_model"]).parent
+    monkeypatch.chdir(root)
+    for entry in [recipe] + recipe["models"]:
+        key = "base_model" if entry is recipe else "model"
+        entry[key] = os.path.relpath(entry[key], root)
+    engine.load_recipe(recipe)
+    names = engine.state()[0]["names"]
+    assert names == list(engine.coefficients) and names[0] == "sft@attention" and names[3] == "sft"

@@ -200,7 +200,10 @@ class HotSwapWorkerExtension:
             return modules.get(_module_of(pname), False)
 
         # 3. vectors: pre-mapped for in-place parameters, checkpoint layout for reload
-        state = _State(method=d.method, names=list(d.coefficient_names), coefficients=list(d.coefficients))
+        from mergekit_rlvr.decompose import names_as_written
+
+        state = _State(method=d.method, names=names_as_written(d.coefficient_names, spec.get("aliases") or {}),
+                       coefficients=list(d.coefficients))
         state.layout_error = layout.error
         state.layout_stray = layout.stray
         pending: Dict[str, Dict[str, Any]] = {}
