@@ -51,6 +51,9 @@ def test_unparseable_majority_scores_zero():
 
 def test_text_answers_vote_by_normalized_text():
     assert majority_vote(["Paris", "paris ", "London"]).votes == 2
+    # words are words, not products of one-letter variables (math-verify reads qnye = nyqe)
+    assert group_answers(["qnye", "nyqe", r"\text{QNYE}"]) == [("qnye", 2), ("nyqe", 1)]
+    assert majority_vote(["ab", "ba", "2"]).votes == 1
 
 
 # --------------------------------------------------------------------------- selection

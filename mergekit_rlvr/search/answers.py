@@ -7,6 +7,9 @@ number in the text; otherwise there is no answer (``None``).
 
 Voting groups answers that math-verify finds equivalent (``1/2``, ``\\frac{1}{2}`` and
 ``0.5`` vote together); answers math-verify cannot parse vote by their normalized text.
+A plain word of two or more letters (``yes``, ``iqho``; ``pi`` too) is
+compared as text: math-verify would read it as a product of one-letter variables, so
+that anagrams vote together (``qnye`` = ``nyqe``), and slowly (tens of ms per pair).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ANSWER_IS = re.compile(r"(?:The answer is|Answer:|Result:)\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_WORD = re.compile(r"[a-z]{2,}")
 
 
 def last_boxed(text: str) -> Optional[str]:
@@ -87,8 +91,11 @@ def _parsed(answer: str):
 @lru_cache(maxsize=65536)
 def equivalent(a: str, b: str) -> bool:
     """Whether two extracted answers mean the same thing."""
-    if a == b or normalize_text(a) == normalize_text(b):
+    ta, tb = normalize_text(a), normalize_text(b)
+    if a == b or ta == tb:
         return True
+    if _WORD.fullmatch(ta) or _WORD.fullmatch(tb):  # a word, not a product of variables
+        return False
     pa, pb = _parsed(a), _parsed(b)
     if pa is None or pb is None:
         return False
