@@ -132,6 +132,9 @@ def plot(summary: dict, search_dir: Path, out: Path) -> None:
         right.scatter([sel["objectives"]["perplexity"]], [sel["objectives"]["consistency"]], marker="*", s=250,
                       c="tab:red", zorder=5, label="selected")
     right.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    right.xaxis.set_minor_formatter(NullFormatter())  # the minor labels overlap on a short range
     right.set_xlabel("perplexity (lower is better, log scale)")
     right.set_ylabel("consistency (higher is better)")
     right.set_title("label-free coefficient search")
