@@ -125,6 +125,20 @@ def post_merge(server, body, headers=AUTH):
     return requests.post(server.url + "/v1/merge", data=data, headers=headers, timeout=REQUEST_TIMEOUT)
 
 
+def running_requests(server) -> int:
+    """vLLM's vllm:num_requests_running gauge from /metrics."""
+    text = requests.get(server.url + "/metrics", headers=AUTH, timeout=30).text
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("vllm:num_requests_running")))
+
+
+def wait_running(server, count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while running_requests(server) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} requests running after {timeout} s"
+        time.sleep(0.02)
+
+
 def stream_generate(server, token_ids, max_tokens=GEN_TOKENS, started: threading.Event | None = None) -> dict:
     """Greedy streamed generation through the token API: tokens, their logprobs,
     the header version, the engine's weight-version spans, any error. ``started``
@@ -332,17 +346,19 @@ def test_drain_false_aborts_in_flight_requests_with_a_clear_error(server, tiny_f
         results["stream"] = stream_generate(server, PROMPTS[1], max_tokens=LONG_TOKENS, started=started)
 
     def long_plain():
-        body = {"model": model, "prompt": "abc", "max_tokens": LONG_TOKENS, "ignore_eos": True}
+        # as long as the context allows (3 prompt tokens): it must still run at the swap
+        body = {"model": model, "prompt": "abc", "max_tokens": 4096 - 3, "ignore_eos": True}
         results["plain"] = requests.post(server.url + "/v1/completions", json=body, headers=AUTH,
                                          timeout=REQUEST_TIMEOUT)
 
-    # The plain request gives no sign that it is running: start it first and let it be
-    # admitted (it decodes for seconds) before the stream, whose first tokens we await.
+    # The plain request gives no sign that it is running: start it first and wait until
+    # the engine reports it running, then start the stream, whose first tokens we await.
     threads = [threading.Thread(target=long_plain), threading.Thread(target=long_stream)]
     threads[0].start()
-    time.sleep(1.0)
+    wait_running(server, 1)
     threads[1].start()
     assert started.wait(REQUEST_TIMEOUT)
+    assert running_requests(server) == 2  # both in flight at the swap
     response = post_merge(server, {"coefficients": {rl: 0.25}, "drain": False})
     for thread in threads:
         thread.join(timeout=REQUEST_TIMEOUT)
