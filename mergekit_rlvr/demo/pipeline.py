@@ -45,7 +45,7 @@ def cli(*args) -> List[str]:
     return [sys.executable, "-m", "mergekit_rlvr.cli", *args]
 
 
-def search_recipe(paths: Dict[str, str], trials: int, samples: int, engine: dict) -> dict:
+def search_recipe(paths: Dict[str, str], trials: int, samples: int, engine: dict, seed: int = 0) -> dict:
     from mergekit_rlvr.toy.family import dots_recipe
 
     recipe = dots_recipe(paths, 1.0, 1.0)
@@ -56,7 +56,7 @@ def search_recipe(paths: Dict[str, str], trials: int, samples: int, engine: dict
         # answers it right greedily, and consistency cannot see task K at all (all
         # K queries score 1/samples). At 0.3 it can (see README, "The toy family").
         "samples": samples, "temperature": 0.3, "max_tokens": 40, "perplexity": "prompt",
-        "select": "max_consistency", "seed": 0, "engine": engine,
+        "select": "max_consistency", "seed": seed, "engine": engine,
         # the toy prompts are complete as they are: no chat template, no appended instruction
         "template": "{prompt}", "instruction": "",
     }
@@ -146,7 +146,7 @@ def plot(summary: dict, search_dir: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def run_demo(out: Path, family_dir: Path, trials: int, n_queries: int, samples: int) -> dict:
+def run_demo(out: Path, family_dir: Path, trials: int, n_queries: int, samples: int, seed: int = 0) -> dict:
     from mergekit_rlvr.toy.evaluate import vllm_kwargs
     from mergekit_rlvr.toy.family import build_family
 
@@ -173,18 +173,18 @@ def run_demo(out: Path, family_dir: Path, trials: int, n_queries: int, samples: 
         print("  " + line)
 
     engine = vllm_kwargs()
-    recipe = write_yaml(out / "recipe.yml", search_recipe(paths, trials, samples, engine))
+    recipe = write_yaml(out / "recipe.yml", search_recipe(paths, trials, samples, engine, seed))
     pool = Path(family_dir) / "data" / "pool.jsonl"
 
     say(f"3/7 difficulty-aware query selection: {n_queries} of {sum(1 for _ in open(pool))} unlabeled prompts")
     queries = out / "queries.jsonl"
     timings["select_s"] = run(cli("select-queries", recipe, "--pool", pool, "--out", queries, "-n", n_queries,
-                                  "--samples", samples), "select-queries", IN_PROCESS_ENGINE)
+                                  "--samples", samples, "--seed", seed), "select-queries", IN_PROCESS_ENGINE)
     kept = sum(1 for line in open(queries) if line.strip())
     if kept < n_queries // 2:
         print(f"  only {kept} queries passed the difficulty threshold 0.8; selecting again without it")
         timings["select_s"] += run(cli("select-queries", recipe, "--pool", pool, "--out", queries, "-n", n_queries,
-                                       "--samples", samples, "--threshold", "1.0"), "select-queries",
+                                       "--samples", samples, "--seed", seed, "--threshold", "1.0"), "select-queries",
                                    IN_PROCESS_ENGINE)
 
     say(f"4/7 coefficient search: {trials} trials on one hot-swapped engine (no checkpoint written per trial)")
@@ -232,6 +232,7 @@ def run_demo(out: Path, family_dir: Path, trials: int, n_queries: int, samples: 
         "serve": served,
         "search": {k: search.get(k) for k in ("selected", "pareto_front", "complete_trials", "settings")},
         "family": {"dir": str(family_dir), "updates": updates, "trained_now": family.trained},
+        "seed": seed,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "total_s": round(time.perf_counter() - t0, 1),
     }
