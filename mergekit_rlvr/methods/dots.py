@@ -78,13 +78,19 @@ def sparsify(tau: torch.Tensor, threshold: float) -> Tuple[torch.Tensor, torch.T
     return mask, tau[mask]
 
 
-def squared_norms(tau: torch.Tensor, kept: torch.Tensor) -> Tuple[float, float]:
-    """(||tau||^2, ||sparse tau||^2) accumulated in float64; ``kept`` is the kept
-    values, or tau with the dropped entries zeroed (same norm)."""
-    return (
-        float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2,
-        float(torch.linalg.vector_norm(kept, dtype=torch.float64)) ** 2,
-    )
+def squared_norms(tau: torch.Tensor, threshold: float) -> Tuple[float, float]:
+    """(||tau||^2, ||sparse tau||^2) for the entries with |tau| >= threshold: the
+    squares of float32/bfloat16 entries are exact in float64 and summed in float64
+    (one widening and a dot product each, about half the cost of vector_norm)."""
+    wide = tau.detach().reshape(-1).double()
+    full = float(torch.dot(wide, wide))
+    if threshold == -math.inf:
+        return full, full
+    if threshold == math.inf:
+        return full, 0.0
+    magnitude = tau.detach().reshape(-1).abs()
+    kept = (magnitude * (magnitude >= threshold)).double()  # non-negative: no signed zeros
+    return full, float(torch.dot(kept, kept))
 
 
 def masked(tau: torch.Tensor, threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -128,12 +134,11 @@ def dots_stats(
         for i, (model, density) in enumerate(zip(models, densities)):
             tau = task_vector(model, base)
             threshold = magnitude_threshold(tau, density)
-            _, kept = masked(tau, threshold)
-            full, part = squared_norms(tau, kept)
+            full, part = squared_norms(tau, threshold)
             stats.thresholds[i][name] = threshold
             stats.full_sq[i] += full
             stats.kept_sq[i] += part
-            del tau, kept
+            del tau
     return stats
 
 
@@ -169,7 +174,7 @@ def dots_masked_vector(
         threshold = magnitude_threshold(tau, density)
     mask, kept = masked(tau, threshold)
     if rescale == "tensor":
-        gamma = gamma_from_norms(*squared_norms(tau, kept))
+        gamma = gamma_from_norms(*squared_norms(tau, threshold))
     elif rescale == "none":
         gamma = None
     elif gamma is None:
