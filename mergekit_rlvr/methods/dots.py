@@ -69,35 +69,33 @@ def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.kthvalue(candidates, rank - below).values
 
 
+def keep_mask(tau: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Eq. 2's mask for a precomputed threshold: |tau| >= threshold (ties kept)."""
+    if threshold == -math.inf:
+        return torch.ones(tau.shape, dtype=torch.bool, device=tau.device)
+    return tau.abs() >= threshold
+
+
 def sparsify(tau: torch.Tensor, threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mask, kept values) of Eq. 2 for a precomputed threshold."""
-    if threshold == -math.inf:
-        mask = torch.ones(tau.shape, dtype=torch.bool, device=tau.device)
-    else:
-        mask = tau.abs() >= threshold
+    mask = keep_mask(tau, threshold)
     return mask, tau[mask]
 
 
-def squared_norms(tau: torch.Tensor, threshold: float) -> Tuple[float, float]:
-    """(||tau||^2, ||sparse tau||^2) for the entries with |tau| >= threshold: the
-    squares of float32/bfloat16 entries are exact in float64 and summed in float64
-    (one widening and a dot product each, about half the cost of vector_norm)."""
+def squared_norms(tau: torch.Tensor, mask: torch.Tensor) -> Tuple[float, float]:
+    """(||tau||^2, ||tau[mask]||^2): the squares of float32/bfloat16 entries are
+    exact in float64 and summed in float64 (one widening and a dot product, about
+    half the cost of vector_norm)."""
     wide = tau.detach().reshape(-1).double()
-    full = float(torch.dot(wide, wide))
-    if threshold == -math.inf:
-        return full, full
-    if threshold == math.inf:
-        return full, 0.0
-    magnitude = tau.detach().reshape(-1).abs()
-    kept = (magnitude * (magnitude >= threshold)).double()  # non-negative: no signed zeros
-    return full, float(torch.dot(kept, kept))
+    kept = wide[mask.reshape(-1)]
+    return float(torch.dot(wide, wide)), float(torch.dot(kept, kept))
 
 
 def masked(tau: torch.Tensor, threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mask, tau with dropped entries zeroed): Eq. 2 without a boolean gather."""
+    mask = keep_mask(tau, threshold)
     if threshold == -math.inf:
-        return torch.ones(tau.shape, dtype=torch.bool, device=tau.device), tau
-    mask = tau.abs() >= threshold
+        return mask, tau
     return mask, torch.where(mask, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
 
 
@@ -134,7 +132,7 @@ def dots_stats(
         for i, (model, density) in enumerate(zip(models, densities)):
             tau = task_vector(model, base)
             threshold = magnitude_threshold(tau, density)
-            full, part = squared_norms(tau, threshold)
+            full, part = squared_norms(tau, keep_mask(tau, threshold))
             stats.thresholds[i][name] = threshold
             stats.full_sq[i] += full
             stats.kept_sq[i] += part
@@ -174,7 +172,7 @@ def dots_masked_vector(
         threshold = magnitude_threshold(tau, density)
     mask, kept = masked(tau, threshold)
     if rescale == "tensor":
-        gamma = gamma_from_norms(*squared_norms(tau, threshold))
+        gamma = gamma_from_norms(*squared_norms(tau, mask))
     elif rescale == "none":
         gamma = None
     elif gamma is None:
