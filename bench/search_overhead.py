@@ -46,7 +46,6 @@ def main():
 
 
 def run(args, root: Path):
-    from mergekit_rlvr.search.engine import close_engine
     from mergekit_rlvr.search.runner import run_search
     from mergekit_rlvr.toy.tiny import write_family
 
@@ -96,7 +95,9 @@ def run(args, root: Path):
     start = time.perf_counter()
     fresh = LLM(model=str(merged), **ENGINE)
     fresh_start = time.perf_counter() - start
-    close_engine(type("E", (), {"llm": fresh})())
+    from vllm_plugins.hotswap import shutdown
+
+    shutdown(fresh)
     reload = materialize + fresh_start
     n = len(swaps)
 

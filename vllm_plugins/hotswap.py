@@ -15,11 +15,10 @@ from vllm_plugins import WORKER_EXTENSION
 
 
 class HotSwapLLM:
-    def __init__(self, llm, decomposition, names: List[str], spec: Dict[str, Any]):
+    def __init__(self, llm, decomposition, spec: Dict[str, Any], values: Optional[List[float]] = None):
         self.llm = llm
         self._d = decomposition
-        self._names = list(names)
-        self._values = list(decomposition.coefficients)
+        self._values = list(decomposition.coefficients) if values is None else values
         self.version = 0
         self.load_reports = self._rpc("hotswap_load", spec)
         self.llm.reset_prefix_cache()
@@ -47,11 +46,8 @@ class HotSwapLLM:
 
         data = _with_groups(recipe, groups)
         d = decompose(data, trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
-        names = d.coefficient_names
         d.prepare()  # checks every checkpoint against the base before the engine starts
-        values = None
-        if coefficients is not None:
-            values = d.check_coefficients(_by_position(names, d.coefficient_names, coefficients))
+        values = None if coefficients is None else d.check_coefficients(coefficients)
         spec = load_spec(data, values, paths=paths,
                          trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
         from vllm import LLM
@@ -59,10 +55,7 @@ class HotSwapLLM:
         llm_kwargs.setdefault("model", d.base_path)
         llm_kwargs["worker_extension_cls"] = WORKER_EXTENSION
         llm = LLM(**llm_kwargs)
-        self = cls(llm, d, names, spec)
-        if values is not None:
-            self._values = values
-        return self
+        return cls(llm, d, spec, values)
 
     def load_recipe(self, recipe, *, paths: str = "auto", coefficients=None, groups: Any = None
                     ) -> List[Dict[str, Any]]:
@@ -77,14 +70,13 @@ class HotSwapLLM:
 
         data = _with_groups(recipe, groups)
         d = decompose(data)
-        names = d.coefficient_names
         if os.path.realpath(d.base_path) != os.path.realpath(self._d.base_path):
             raise UserError(f"recipe base_model {d.base_path} is not this engine's base {self._d.base_path}")
         d.prepare()
-        values = None if coefficients is None else d.check_coefficients(_by_position(names, names, coefficients))
+        values = None if coefficients is None else d.check_coefficients(coefficients)
         reports = self._rpc("hotswap_load", load_spec(data, values, paths=paths))
         self.llm.reset_prefix_cache()
-        self._d, self._names = d, list(names)
+        self._d = d
         self._values = list(d.coefficients) if values is None else values
         self.version += 1
         self.load_reports = reports
@@ -97,16 +89,16 @@ class HotSwapLLM:
 
     @property
     def coefficient_names(self) -> List[str]:
-        return list(self._names)
+        return list(self._d.coefficient_names)
 
     @property
     def coefficients(self) -> Dict[str, float]:
-        return dict(zip(self._names, self._values))
+        return dict(zip(self._d.coefficient_names, self._values))
 
     def validate(self, coefficients) -> List[float]:
         """The coefficients as a list in name order; ValueError naming the bad
         name, value or length."""
-        return self._d.check_coefficients(_by_position(self._names, self._d.coefficient_names, coefficients))
+        return self._d.check_coefficients(coefficients)
 
     def set_coefficients(self, coefficients) -> Dict[str, Any]:
         """Rewrite the weights for ``coefficients`` (dict by name or list in name
@@ -121,10 +113,7 @@ class HotSwapLLM:
 
     def close(self) -> None:
         """Shut the engine down now (worker processes included)."""
-        engine = getattr(self.llm, "llm_engine", None)
-        core = getattr(engine, "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+        shutdown(self.llm)
 
     def __enter__(self) -> "HotSwapLLM":
         return self
@@ -166,11 +155,9 @@ def _with_groups(recipe, groups) -> Dict[str, Any]:
     return data
 
 
-def _by_position(names: List[str], internal: List[str], coefficients):
-    """Translate a dict keyed by the recipe's names into the decomposition's order
-    (they are the same list unless paths were rewritten)."""
-    if isinstance(coefficients, dict):
-        from mergekit_rlvr.decompose import normalize_coefficients
-
-        return normalize_coefficients(names, coefficients)
-    return coefficients
+def shutdown(llm) -> None:
+    """Stop a ``vllm.LLM``'s engine core (and its worker processes) now, rather than
+    at interpreter exit."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()

@@ -37,11 +37,11 @@ def open_engine(recipe: Union[str, Mapping[str, Any]], engine_kwargs: Mapping[st
 
 
 def close_engine(engine) -> None:
-    """Stop the engine's worker processes now rather than at interpreter exit."""
-    llm = getattr(engine, "llm", None)
-    shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    """Stop the engine's worker processes now rather than at interpreter exit
+    (``HotSwapLLM.close``; engines without ``close`` are left alone)."""
+    close = getattr(engine, "close", None)
     try:
-        if shutdown is not None and hasattr(shutdown, "shutdown"):
-            shutdown.shutdown()
+        if close is not None:
+            close()
     except Exception:  # noqa: BLE001 - best effort at exit
         pass
