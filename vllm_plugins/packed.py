@@ -70,10 +70,6 @@ def store(vector, base: Optional[torch.Tensor] = None) -> Stored:
     return vector.contiguous()
 
 
-def to(stored: Stored, device) -> Stored:
-    return stored.to(device)
-
-
 def nbytes(stored: Stored) -> int:
     if isinstance(stored, IndexedSparse):
         return stored.nbytes

@@ -217,7 +217,7 @@ class HotSwapWorkerExtension:
                     shape = base.shape
                     base, vectors = _restrict(base, vectors, index)
                 state.reload.append(
-                    _Reload(task.name, base.to(device), [_to(packed.store(v, base), device) for v in vectors],
+                    _Reload(task.name, base.to(device), [packed.store(v, base).to(device) for v in vectors],
                             task.save_dtype, list(task.slots), None if index is None else index.to(device),
                             None if index is None else shape)
                 )
@@ -255,7 +255,7 @@ class HotSwapWorkerExtension:
                         else:
                             from mergekit_rlvr.methods.common import SparseVector
 
-                            stored.append(_to(packed.store(SparseVector(mask, dense[mask]), entry["base"]), device))
+                            stored.append(packed.store(SparseVector(mask, dense[mask]), entry["base"]).to(device))
                     state.inplace.append(_InPlace(pname, live[pname], entry["base"].to(device), stored, entry["save"],
                                                   entry["slots"]))
                     state.paths[pname] = "inplace"
@@ -449,12 +449,6 @@ def _is_sparse(v) -> bool:
 
 def _vec_dtype(v) -> torch.dtype:
     return v.values.dtype if _is_sparse(v) else v.dtype
-
-
-def _to(stored, device):
-    from vllm_plugins import packed
-
-    return packed.to(stored, device)
 
 
 def _only(pl, checkpoint: str):
