@@ -34,6 +34,7 @@ STARTUP_TIMEOUT = 600  # seconds; a loaded 2-core machine needs a few minutes fo
 REQUEST_TIMEOUT = 120
 #: an in-flight request long enough (seconds of decoding even on an idle machine) for a swap to land inside it
 LONG_TOKENS = 2000
+PLAIN_N = 8  # samples of the drain:false test's non-streaming request
 #: Greedy, fixed length: every response has the same number of tokens.
 GEN_TOKENS = 24
 PROMPTS = [[5, 6, 7, 8], [20, 21, 22], [40, 41, 42, 43, 44], [60, 61]]
@@ -346,8 +347,9 @@ def test_drain_false_aborts_in_flight_requests_with_a_clear_error(server, tiny_f
         results["stream"] = stream_generate(server, PROMPTS[1], max_tokens=LONG_TOKENS, started=started)
 
     def long_plain():
-        # as long as the context allows (3 prompt tokens): it must still run at the swap
-        body = {"model": model, "prompt": "abc", "max_tokens": 4096 - 3, "ignore_eos": True}
+        # as long as the context allows (3 prompt tokens), PLAIN_N samples at once (each a
+        # running request): slow enough to still run at the swap on an idle machine
+        body = {"model": model, "prompt": "abc", "max_tokens": 4096 - 3, "ignore_eos": True, "n": PLAIN_N}
         results["plain"] = requests.post(server.url + "/v1/completions", json=body, headers=AUTH,
                                          timeout=REQUEST_TIMEOUT)
 
@@ -355,10 +357,10 @@ def test_drain_false_aborts_in_flight_requests_with_a_clear_error(server, tiny_f
     # the engine reports it running, then start the stream, whose first tokens we await.
     threads = [threading.Thread(target=long_plain), threading.Thread(target=long_stream)]
     threads[0].start()
-    wait_running(server, 1)
+    wait_running(server, PLAIN_N)
     threads[1].start()
     assert started.wait(REQUEST_TIMEOUT)
-    assert running_requests(server) == 2  # both in flight at the swap
+    assert running_requests(server) == PLAIN_N + 1  # both in flight at the swap
     response = post_merge(server, {"coefficients": {rl: 0.25}, "drain": False})
     for thread in threads:
         thread.join(timeout=REQUEST_TIMEOUT)
