@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Everything but the tests that start a vLLM engine or take long (markers `vllm`, `slow`): for quick iteration.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not vllm and not slow" tests
 
 demo: $(STAMP)
 	$(BIN)/mergekit-rlvr demo --out demo-out

@@ -145,17 +145,24 @@ def test_dots_merge_of_the_family_with_mergekit_yaml(family, tmp_path):
     assert any(not torch.equal(merged[k], base[k]) for k in base)
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_evaluate_with_vllm_matches_hf_greedy(family):
     from mergekit_rlvr.toy.evaluate import evaluate, generate_hf, generate_vllm, vllm_kwargs
     from vllm import LLM
 
     prompts = [e.prompt for s in family.eval_sets.values() for e in s]
-    llm = LLM(model=family.paths["sft"], **vllm_kwargs())
-    texts = generate_vllm(llm, prompts)
+    from vllm_plugins.hotswap import shutdown
+
+    llm = LLM(model=family.paths["sft"], **vllm_kwargs(family.paths["sft"]))
+    try:
+        texts = generate_vllm(llm, prompts)
+        acc = evaluate(llm, family.eval_sets)
+    finally:
+        shutdown(llm)
     ref = generate_hf(family.paths["sft"], prompts)
     agree = sum(a == b for a, b in zip(texts, ref)) / len(prompts)
     assert agree >= 0.9, (agree, texts[:3], ref[:3])
-    acc = evaluate(llm, family.eval_sets)
     assert set(acc) == {"K", "R", "union"} and all(0.0 <= v <= 1.0 for v in acc.values())
     assert acc == evaluate(family.paths["sft"], family.eval_sets, backend="hf") or agree < 1.0
 

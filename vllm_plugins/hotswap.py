@@ -32,6 +32,8 @@ class HotSwapLLM:
         paths: str = "auto",
         coefficients: Optional[Union[Dict[str, float], Sequence[float]]] = None,
         groups: Any = None,
+        sequences: Optional[int] = None,
+        settings_prefix: str = "",
         **llm_kwargs,
     ) -> "HotSwapLLM":
         """Start ``vllm.LLM(model=<base>, **llm_kwargs)`` once and load the recipe's
@@ -39,7 +41,10 @@ class HotSwapLLM:
         (unsupported method, checkpoints that do not match the base) raise a
         ValueError (``mergekit_rlvr.errors.UserError``) before the engine starts.
         ``groups``: one coefficient per module group (see :mod:`mergekit_rlvr.groups`;
-        default: the recipe's ``search.groups``)."""
+        default: the recipe's ``search.groups``). The KV cache is sized in bytes on
+        CPU (:mod:`vllm_plugins.memory`: ``sequences`` at once, default the engine's
+        ``max_num_seqs``); what cannot fit fails in one line naming the setting,
+        prefixed by ``settings_prefix`` (the search passes ``search.engine.``)."""
         from mergekit_rlvr.decompose import decompose
 
         from vllm_plugins.spec import load_spec
@@ -52,9 +57,13 @@ class HotSwapLLM:
                          trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
         from vllm import LLM
 
+        from vllm_plugins.memory import size_engine, start_errors
+
         llm_kwargs.setdefault("model", d.base_path)
+        llm_kwargs = size_engine(llm_kwargs, llm_kwargs["model"], sequences, settings_prefix)
         llm_kwargs["worker_extension_cls"] = WORKER_EXTENSION
-        llm = LLM(**llm_kwargs)
+        with start_errors(settings_prefix):
+            llm = LLM(**llm_kwargs)
         return cls(llm, d, spec, values)
 
     def load_recipe(self, recipe, *, paths: str = "auto", coefficients=None, groups: Any = None

@@ -54,6 +54,33 @@ SINGLE = {
 }
 
 
+#: vLLM server options that size the KV cache, as the keyword arguments of ``vllm.LLM``
+MEMORY_OPTIONS = {"--max-model-len": "max_model_len", "--dtype": "dtype", "--kv-cache-dtype": "kv_cache_dtype",
+                  "--max-num-seqs": "max_num_seqs", "--kv-cache-memory-bytes": "kv_cache_memory_bytes",
+                  "--gpu-memory-utilization": "gpu_memory_utilization"}
+
+
+def kv_cache_args(model_dir: str, vllm_args: list[str]) -> list[str]:
+    """``--kv-cache-memory-bytes N`` to add on CPU when the command line sizes no KV
+    cache (:mod:`vllm_plugins.memory`); settings that cannot fit fail in one line."""
+    from vllm_plugins.memory import size_engine
+
+    kwargs = {}
+    for option, key in MEMORY_OPTIONS.items():
+        value = _option_value(vllm_args, option)
+        if value is None:
+            continue
+        try:
+            kwargs[key] = float(value) if key == "gpu_memory_utilization" else (
+                int(value) if key in ("max_model_len", "max_num_seqs", "kv_cache_memory_bytes") else value)
+        except ValueError:
+            return []  # vLLM's own parser reports it (or reads a form such as 1G)
+    sized = size_engine(kwargs, model_dir, prefix="--")
+    if "kv_cache_memory_bytes" in sized and "kv_cache_memory_bytes" not in kwargs:
+        return ["--kv-cache-memory-bytes", str(sized["kv_cache_memory_bytes"])]
+    return []
+
+
 def server_command(recipe_path: Path, vllm_args: list[str], environ: dict | None = None):
     """(argv, env) of the vLLM API server process that serves ``recipe_path``.
 
@@ -77,7 +104,7 @@ def server_command(recipe_path: Path, vllm_args: list[str], environ: dict | None
     dtype = d.recipe.get("out_dtype") or d.recipe.get("dtype")
     if dtype and not _option_given(vllm_args, "--dtype"):
         argv += ["--dtype", str(dtype)]
-    argv += list(vllm_args)
+    argv += list(vllm_args) + kv_cache_args(d.base_path, list(vllm_args))
 
     plugins = [name.strip() for name in environ.get("VLLM_PLUGINS", "").split(",") if name.strip()]
     if PLUGIN_NAME not in plugins:

@@ -86,7 +86,10 @@ def evaluate_all(paths: Dict[str, str], eval_sets, merged: str) -> tuple:
     os.environ.update(IN_PROCESS_ENGINE)
     for name, path in [("merged", merged)]:
         started = time.perf_counter()
-        llm = LLM(model=path, **vllm_kwargs())
+        kwargs = vllm_kwargs(path)
+        print(f"  engine on {name}: kv_cache_memory_bytes={kwargs['kv_cache_memory_bytes']} "
+              f"({kwargs['max_num_seqs']} sequences x {kwargs['max_model_len']} tokens)", flush=True)
+        llm = LLM(model=path, **kwargs)
         if name == "merged":
             start_s = time.perf_counter() - started
         results[name] = evaluate(llm, eval_sets)
@@ -172,7 +175,10 @@ def run_demo(out: Path, family_dir: Path, trials: int, n_queries: int, samples: 
     for line in findings:
         print("  " + line)
 
-    engine = vllm_kwargs()
+    engine = vllm_kwargs(paths["base"])
+    print(f"  engines of select-queries, search and serve: kv_cache_memory_bytes="
+          f"{engine['kv_cache_memory_bytes']} ({engine['max_num_seqs']} sequences x {engine['max_model_len']} "
+          "tokens; never a fraction of RAM)", flush=True)
     recipe = write_yaml(out / "recipe.yml", search_recipe(paths, trials, samples, engine, seed))
     pool = Path(family_dir) / "data" / "pool.jsonl"
 
@@ -208,7 +214,7 @@ def run_demo(out: Path, family_dir: Path, trials: int, n_queries: int, samples: 
     prompt = family.eval_sets[next(iter(family.eval_sets))][0].prompt
     other = {k: round(2.0 - v, 3) for k, v in selected.items()}
     serve_args = ["--dtype", engine["dtype"], "--max-model-len", str(engine["max_model_len"]),
-                  "--gpu-memory-utilization", str(engine["gpu_memory_utilization"]), "--enforce-eager"]
+                  "--kv-cache-memory-bytes", str(engine["kv_cache_memory_bytes"]), "--enforce-eager"]
     started = time.perf_counter()
     served = roundtrip(str(search_dir / "best.yml"), prompt, other, serve_args, str(out / "serve.log"))
     timings["serve_s"] = time.perf_counter() - started

@@ -28,11 +28,13 @@ class Engine(Protocol):
 
 
 def open_engine(recipe: Union[str, Mapping[str, Any]], engine_kwargs: Mapping[str, Any]):
-    """One HotSwapLLM on the recipe's base model; returns (engine, start seconds)."""
+    """One HotSwapLLM on the recipe's base model; returns (engine, start seconds).
+    Its KV cache is sized in bytes on CPU (``vllm_plugins.memory``); settings that
+    cannot fit fail in one line naming ``search.engine.<setting>``."""
     from vllm_plugins.hotswap import HotSwapLLM
 
     start = time.perf_counter()
-    engine = HotSwapLLM.from_recipe(recipe, **dict(engine_kwargs))
+    engine = HotSwapLLM.from_recipe(recipe, settings_prefix="search.engine.", **dict(engine_kwargs))
     return engine, time.perf_counter() - start
 
 

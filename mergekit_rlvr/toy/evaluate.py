@@ -14,13 +14,21 @@ from typing import Dict, List, Sequence, Union
 from mergekit_rlvr.toy.tasks import Example, score
 
 MAX_TOKENS = 40
+MAX_MODEL_LEN = 128  # the toy models' context
+MAX_NUM_SEQS = 256
 
 
-def vllm_kwargs(**overrides) -> dict:
-    """vLLM CPU settings that suit the toy models."""
-    values = dict(dtype="float32", gpu_memory_utilization=0.05, max_model_len=128, enforce_eager=True,
-                  seed=0, max_num_seqs=256)
+def vllm_kwargs(model: str, **overrides) -> dict:
+    """vLLM CPU settings that suit the toy models. The KV cache is sized in bytes for
+    what these engines run (every sequence at full context at once: 256 x 128 tokens
+    x 1 KiB per token for the toy family = 32 MiB), never as a fraction of RAM."""
+    from vllm_plugins.memory import kv_cache_bytes
+
+    values = dict(dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True, seed=0,
+                  max_num_seqs=MAX_NUM_SEQS)
     values.update(overrides)
+    values.setdefault("kv_cache_memory_bytes", kv_cache_bytes(
+        model, values["max_num_seqs"] * values["max_model_len"], values["dtype"]))
     return values
 
 
@@ -47,7 +55,10 @@ def _texts(model, prompts: List[str], backend: str, max_tokens: int) -> List[str
         raise ValueError(f"backend must be 'vllm' or 'hf', got {backend!r}")
     from vllm import LLM
 
-    llm = LLM(model=model, **vllm_kwargs())
+    from vllm_plugins.memory import start_errors
+
+    with start_errors():
+        llm = LLM(model=model, **vllm_kwargs(model))
     try:
         return generate_vllm(llm, prompts, max_tokens)
     finally:
