@@ -298,6 +298,7 @@ def run_cli(*args, cwd=None):
                           capture_output=True, text=True, cwd=cwd, env=env)
 
 
+@pytest.mark.slow
 def test_cli_writes_report_and_plots(tiny_family, tmp_path):
     family = Path(tiny_family["base"]).parent
     out = tmp_path / "report"

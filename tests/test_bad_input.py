@@ -10,6 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import mergekit_yaml, write_recipe
 
+pytestmark = pytest.mark.slow  # every case runs the real mergekit-yaml in a subprocess
+
 LAYER = "model.layers.1.mlp.up_proj.weight"
 
 

@@ -91,6 +91,7 @@ def materialized(tiny_family, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["dots", "sar", "reasoning_interp"])
+@pytest.mark.slow
 def test_decomposition_equals_mergekit_bit_for_bit(materialized, method):
     recipe, out = materialized[method]
     d = decompose(str(recipe))

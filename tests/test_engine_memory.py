@@ -101,6 +101,7 @@ def _search(recipe: Path, queries: Path, out: Path):
                            "--out", str(out), "--trials", "1"], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_search_with_a_tiny_ram_fraction_fails_in_one_line_before_the_engine(tiny_family, tmp_path):
     recipe = write_recipe(tmp_path / "r.yml", {
         "merge_method": "dots", "base_model": tiny_family["base"], "dtype": "float32",

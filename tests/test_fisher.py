@@ -136,6 +136,7 @@ def assert_close_fisher(got, want, name):
     torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-6 * scale, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.slow
 def test_cli_matches_brute_force_per_example_gradients(tiny_family, tmp_path):
     data = write_jsonl(tmp_path / "val.jsonl", ROWS[:2] + [""] + ROWS[2:])  # a blank line is skipped
     out = tmp_path / "fisher" / "base.safetensors"
@@ -280,6 +281,7 @@ def test_read_rows_streams_and_stops_at_max_examples(tmp_path):
 # ---------------------------------------------------------------- fisher files driving sar
 
 
+@pytest.mark.slow
 def test_fisher_files_drive_sar_through_mergekit_yaml(tiny_family, tmp_path):
     from mergekit_rlvr.methods.common import combine
     from mergekit_rlvr.methods.sar import sar_vector

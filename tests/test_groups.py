@@ -90,6 +90,7 @@ def written(tiny_family, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["dots", "sar"])
+@pytest.mark.slow
 def test_written_filters_materialize_what_was_searched(written, method):
     path, coefficients, out = written[method]
     d = decompose(str(path))

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import load_state, write_recipe
 
+pytestmark = pytest.mark.slow  # builds and installs the package with pip
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -8,6 +8,8 @@ import torch
 
 from conftest import load_state, mergekit_yaml, write_recipe
 
+pytestmark = pytest.mark.slow  # every test runs the real mergekit-yaml in a subprocess
+
 
 def _states(family, *names):
     return [load_state(family[n]) for n in names]

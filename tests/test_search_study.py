@@ -109,6 +109,7 @@ def _spawn(recipe, queries, out, trials, log, delay, storage=None):
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_workers_cooperate_and_kill_9_loses_at_most_the_trial_in_flight(tmp_path):
     """Two worker processes share one storage; one is killed with SIGKILL in the
     middle of a trial; the other finishes the study; a rerun with more trials runs

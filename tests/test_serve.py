@@ -442,6 +442,7 @@ def test_route_exists_only_when_the_plugin_is_enabled(enabled, tiny_family, monk
         assert get.status_code == 404 and post.status_code in (404, 405)
 
 
+@pytest.mark.slow
 def test_serve_rejects_bad_input_in_one_line(tiny_family, tmp_path):
     recipe = write_recipe(tmp_path / "ties.yml", {
         "merge_method": "ties", "base_model": tiny_family["base"],
@@ -476,37 +477,46 @@ def test_alpha_range_is_checked_before_the_engine_sees_it():
 
 def test_gate_admits_under_one_version_and_waits_for_in_flight_requests():
     """Pure asyncio/ASGI: a request arriving during a swap waits and runs under the
-    new version; the swap starts only after the admitted request finished."""
+    new version; the swap starts only after the admitted request finished. Every
+    step waits on an event, none on time."""
     import asyncio
 
     from vllm_plugins.serving_gate import AdmissionGate, MergeVersionMiddleware
 
     events = []
 
-    async def app(scope, receive, send):  # a streaming response in two parts
-        events.append(("app start", scope["path"]))
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await asyncio.sleep(0.05)
-        await send({"type": "http.response.body", "body": b"x", "more_body": False})
-        events.append(("app end", scope["path"]))
-
-    async def call(middleware, path):
-        sent = []
-
-        async def receive():
-            await asyncio.sleep(10)
-
-        async def send(message):
-            sent.append(message)
-
-        await middleware({"type": "http", "method": "POST", "path": path}, receive, send)
-        return dict(sent[0]["headers"])[b"x-merge-version"]
-
     async def main():
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def app(scope, receive, send):  # a streaming response in two parts
+            events.append(("app start", scope["path"]))
+            started.set()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            if scope["path"] == "/first":
+                await release.wait()  # in flight until the swap and the second request are queued
+            await send({"type": "http.response.body", "body": b"x", "more_body": False})
+            events.append(("app end", scope["path"]))
+
+        async def call(middleware, path):
+            sent = []
+
+            async def receive():
+                await asyncio.Event().wait()  # the client never sends more
+
+            async def send(message):
+                sent.append(message)
+
+            await middleware({"type": "http", "method": "POST", "path": path}, receive, send)
+            return dict(sent[0]["headers"])[b"x-merge-version"]
+
+        async def until(condition):
+            while not condition():
+                await asyncio.sleep(0)  # yield to the other tasks
+
         gate = AdmissionGate()
         middleware = MergeVersionMiddleware(app, gate)
         first = asyncio.ensure_future(call(middleware, "/first"))
-        await asyncio.sleep(0.01)
+        await started.wait()
 
         async def swap():
             async with gate.closed(drain=True, timeout=5, reason="test"):
@@ -514,8 +524,12 @@ def test_gate_admits_under_one_version_and_waits_for_in_flight_requests():
                 gate.version = 1
 
         swapping = asyncio.ensure_future(swap())
-        await asyncio.sleep(0.01)
+        await until(lambda: not gate.is_open)
         second = asyncio.ensure_future(call(middleware, "/second"))
+        for _ in range(10):  # the second request is parked at the closed gate, not run
+            await asyncio.sleep(0)
+        assert events == [("app start", "/first")]
+        release.set()
         return await first, await second, await swapping
 
     first, second, _ = asyncio.run(main())

@@ -135,6 +135,7 @@ def test_second_call_reuses_and_settings_change_retrains_only_that_stage(family)
     assert build_family(family.out, FamilySettings(**QUICK), show_progress=False).trained == ["rl"]
 
 
+@pytest.mark.slow
 def test_dots_merge_of_the_family_with_mergekit_yaml(family, tmp_path):
     recipe = write_recipe(tmp_path / "dots.yml", dots_recipe(family.paths, 0.8, 1.5))
     out = tmp_path / "merged"
@@ -167,6 +168,7 @@ def test_evaluate_with_vllm_matches_hf_greedy(family):
     assert acc == evaluate(family.paths["sft"], family.eval_sets, backend="hf") or agree < 1.0
 
 
+@pytest.mark.slow
 def test_cli_reuses_the_family(family):
     args = [str(BIN / "mergekit-rlvr"), "toy-family", family.out, "--quiet"]
     for key, value in QUICK.items():
