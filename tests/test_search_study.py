@@ -181,6 +181,9 @@ def test_study_name_is_stored_as_given_and_report_only_rebuilds(tmp_path):
         assert [int(r["trial"]) for r in csv.DictReader(f)] == [0, 1, 2]
     with pytest.raises(UserError, match="--report-only: no study in"):
         run_search(recipe, None, str(tmp_path / "none"), report_only=True)
+    with pytest.raises(UserError, match="no study 'baz' in sqlite:///"):
+        run_search(recipe, None, str(tmp_path / "none"), {"storage": storage, "study_name": "baz"}, report_only=True)
+    assert "baz" not in optuna.get_all_study_names(storage)
 
 
 def test_pruning_keeps_the_selected_trial(tmp_path):

@@ -116,7 +116,7 @@ def run_search(
     if report_only and not settings.storage and not os.path.exists(os.path.join(out_dir, "study.db")):
         raise UserError(f"--report-only: no study in {out_dir} (study.db) and no --storage given")
     os.makedirs(out_dir, exist_ok=True)
-    study = st.open_study(settings, url, searched)
+    study = st.open_study(settings, url, searched, create=not report_only)
     before = len(st.finished_trials(study))
     timings: Dict[str, Any] = {"setup_s": time.perf_counter() - started}
     if not report_only:

@@ -78,12 +78,12 @@ def _check_objective(storage, name: str, settings: SearchSettings, url: str) -> 
                         " (use another --study-name, --out or --storage)")
 
 
-def open_study(settings: SearchSettings, url: str, searched: Sequence[str]):
+def open_study(settings: SearchSettings, url: str, searched: Sequence[str], create: bool = True):
     """Create or load the study; check that a loaded one has the same objective and
     searched the same coefficients. The sampler's seed mixes in the number of trials
     already stored, so a resumed study does not replay its first random trials (and,
     with an explicit shared storage, the process id, so that cooperating workers draw
-    different ones)."""
+    different ones). ``create=False``: a missing study is an error."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -91,6 +91,8 @@ def open_study(settings: SearchSettings, url: str, searched: Sequence[str]):
                            retry=settings.objective == "dots")
     name = study_name(settings)
     _check_objective(storage, name, settings, url)
+    if not create and name not in {s.study_name for s in storage.get_all_studies()}:
+        raise UserError(f"no study {name!r} in {public_url(url)} (check --study-name and --storage)")
     study = optuna.create_study(storage=storage, study_name=name, directions=directions(settings),
                                 load_if_exists=True)
     stored = study.user_attrs.get("coefficients")
