@@ -48,3 +48,30 @@ def load_state(path) -> dict:
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(file)))
     return state
+
+
+@pytest.fixture(scope="session")
+def postgresql_server():
+    """A real PostgreSQL server for the session (tests/pg_server.py): Unix socket only,
+    stopped at the end; skipped, with the reason, where the binaries are absent."""
+    import pg_server
+
+    why = pg_server.missing()
+    if why:
+        pytest.skip(f"no PostgreSQL server: {why}")
+    server = pg_server.PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgresql_url(postgresql_server, request):
+    """A fresh, empty database on the session's server; its SQLAlchemy URL."""
+    import re
+
+    _DATABASES.append(request.node.name)
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50] + f"_{len(_DATABASES)}"
+    return postgresql_server.create_database(name)
+
+
+_DATABASES: list = []

@@ -26,12 +26,14 @@ def parse_sets(pairs) -> dict:
 
 @click.command("search")
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--queries", required=True, type=click.Path(dir_okay=False),
-              help="JSONL with 'prompt' (optional 'answer', reported only) or parquet with a 'prompt' column.")
+@click.option("--queries", type=click.Path(dir_okay=False),
+              help="JSONL with 'prompt' (optional 'answer', reported only) or parquet with a 'prompt' column"
+                   " (required except with --report-only).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for trials.csv, summary.json, best.yml, plots and the study.")
 @click.option("--trials", type=int, help="Finished trials the study should hold (dots).")
-@click.option("--storage", help="Optuna storage URL (default: sqlite in --out); share it to scale out.")
+@click.option("--storage", help="Optuna storage (default: sqlite in --out): sqlite:///f.db, postgresql://user@host/db,"
+                                " journal:///shared/fs/study.log; share it between workers to scale out.")
 @click.option("--objective", type=click.Choice(["dots", "reasoning_rate"]))
 @click.option("--sampler", type=click.Choice(["tpe", "nsga2", "random"]))
 @click.option("--samples", type=int, help="Answers per query.")
@@ -43,12 +45,14 @@ def parse_sets(pairs) -> dict:
 @click.option("--detect", type=click.Choice(["prefix", "logit", "full"]))
 @click.option("--rho-min", type=float)
 @click.option("--seed", type=int)
-@click.option("--study-name")
+@click.option("--study-name", help="Name of the study in the storage (default: search-<objective>).")
 @click.option("--prune/--no-prune", default=None, help="Stop trials that can no longer reach the Pareto front.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any search: setting (YAML value).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--report-only", is_flag=True,
+              help="Run no trial and start no engine: rebuild --out's report from the study in the storage.")
 def search(recipe, queries, out_dir, trials, storage, objective, sampler, samples, temperature, max_tokens,
-           perplexity, select, strategy, detect, rho_min, seed, study_name, prune, sets, quiet):
+           perplexity, select, strategy, detect, rho_min, seed, study_name, prune, sets, quiet, report_only):
     """Search merge coefficients of RECIPE on a hot-swapped vLLM engine."""
     from mergekit_rlvr.search.runner import run_search
 
@@ -58,7 +62,7 @@ def search(recipe, queries, out_dir, trials, storage, objective, sampler, sample
         temperature=temperature, max_tokens=max_tokens, perplexity=perplexity, select=select,
         strategy=strategy, detect=detect, rho_min=rho_min, seed=seed, study_name=study_name, prune=prune,
     ).items() if v is not None})
-    summary = run_search(recipe, queries, out_dir, overrides, progress=not quiet)
+    summary = run_search(recipe, queries, out_dir, overrides, progress=not quiet, report_only=report_only)
     selected = summary["selected"]
     if selected is None:
         click.echo(f"no finished trial yet; report in {out_dir}")

@@ -48,10 +48,13 @@ def _option_value(args: list[str], *options: str) -> str | None:
 
 #: One API server process and one engine: the swap lock, the admission gate and the
 #: version counter live in that process (data-parallel engines are not swapped together).
+#: For replicas: one serve per GPU (or --tensor-parallel-size), see the README.
 SINGLE = {
     ("--data-parallel-size", "-dp"): "data parallelism",
     ("--api-server-count", "-asc"): "several API server processes",
 }
+REPLICAS = ("for replicas run one mergekit-rlvr serve per GPU behind a load balancer and POST /v1/merge to each"
+            " (README: Serving replicas), or shard one engine with --tensor-parallel-size")
 
 
 #: vLLM server options that size the KV cache, as the keyword arguments of ``vllm.LLM``
@@ -96,7 +99,7 @@ def server_command(recipe_path: Path, vllm_args: list[str], environ: dict | None
     for options, what in SINGLE.items():
         value = _option_value(vllm_args, *options)
         if value is not None and value.strip() != "1":
-            raise UserError(f"option {options[0]} {value}: serve does not support {what} (use 1)")
+            raise UserError(f"option {options[0]} {value}: serve does not support {what} (use 1); {REPLICAS}")
     d = decompose(str(recipe_path), trust_remote_code=_option_given(vllm_args, "--trust-remote-code"))
     argv = [sys.executable, "-m", SERVER_MODULE, "--model", d.base_path,
             "--worker-extension-cls", WORKER_EXTENSION]

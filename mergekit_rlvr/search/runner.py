@@ -19,7 +19,7 @@ from mergekit_rlvr.search.engine import open_engine as open_hotswap
 from mergekit_rlvr.search.queries import difficulty, load_queries, select_by_difficulty
 from mergekit_rlvr.search.selection import largest_alpha, select_dots
 from mergekit_rlvr.search.settings import SearchSettings, load_settings
-from mergekit_rlvr.search.study import public_url
+from mergekit_rlvr.search.results import report_files, summarize
 
 
 def recipe_coefficients(recipe: Mapping[str, Any]) -> Dict[str, float]:
@@ -86,22 +86,24 @@ class _Progress:
 
 def run_search(
     recipe_path: str,
-    queries_path: str,
+    queries_path: Optional[str],
     out_dir: str,
     overrides: Optional[Mapping[str, Any]] = None,
     open_engine: Optional[Callable[[Any, Mapping[str, Any]], Any]] = None,
     progress: bool = True,
+    report_only: bool = False,
 ) -> Dict[str, Any]:
-    """Run (or resume) the search; write the report; return summary.json's content."""
+    """Run (or resume) the search; write the report; return summary.json's content.
+    ``report_only``: no engine and no trial, the report rebuilt from the storage."""
     from mergekit_rlvr.decompose import load_recipe
     from mergekit_rlvr.search import study as st
-    from mergekit_rlvr.search.objectives import dots_prompts, measure_dots
-    from mergekit_rlvr.search.reasoning import measure_reasoning, reasoning_prompts
 
     started = time.perf_counter()
     recipe = load_recipe(recipe_path)
     settings = load_settings(recipe.get("search"), overrides, str(recipe.get("merge_method", "")))
-    queries = load_queries(queries_path)
+    if queries_path is None and not report_only:
+        raise UserError("--queries is required (except with --report-only)")
+    queries = load_queries(queries_path) if queries_path is not None else None
     recipe_arg: Any = recipe_path
     if (overrides or {}).get("groups") is not None:  # the engine and best.yml use the same groups
         recipe["search"] = {**(recipe.get("search") or {}), "groups": settings.groups}
@@ -110,15 +112,45 @@ def run_search(
     names = list(fixed)
     searched = _searched(settings, names)
     objectives = st.objective_names(settings)
-    os.makedirs(out_dir, exist_ok=True)
     url = st.storage_url(settings, out_dir)
-    study = st.open_study(settings, url, searched)
+    if report_only and not settings.storage and not os.path.exists(os.path.join(out_dir, "study.db")):
+        raise UserError(f"--report-only: no study in {out_dir} (study.db) and no --storage given")
+    os.makedirs(out_dir, exist_ok=True)
+    study = st.open_study(settings, url, searched, create=not report_only)
+    before = len(st.finished_trials(study))
+    timings: Dict[str, Any] = {"setup_s": time.perf_counter() - started}
+    if not report_only:
+        timings = _run_trials(study, settings, recipe_arg, queries, fixed, searched, objectives, open_engine,
+                              progress, started)
 
-    engine_kwargs = dict(settings.engine)
+    rows = st.trial_rows(study, searched, fixed, objectives)
+    summary = summarize(rows, settings, searched, names, fixed, objectives, url, study.study_name)
+    summary["timings"] = {
+        **timings,
+        "trials_this_run": len(rows) - before,
+        # sums over every finished trial of the study:
+        "trial_wall_s": sum(r["wall_s"] for r in rows if math.isfinite(r["wall_s"])),
+        "generate_s": sum(r["generate_s"] for r in rows if math.isfinite(r["generate_s"])),
+        "score_s": sum(r["score_s"] for r in rows if math.isfinite(r["score_s"])),
+        "swap_s": sum(r["swap_s"] for r in rows if math.isfinite(r["swap_s"])),
+    }
+    if queries is not None:
+        summary["queries"] = {"file": os.path.abspath(queries_path), "count": len(queries)}
+    rpt.write_report(out_dir, report_files(recipe, rows, summary, settings, searched, names, objectives))
+    return summary
+
+
+def _run_trials(study, settings, recipe_arg, queries, fixed, searched, objectives, open_engine, progress,
+                started) -> Dict[str, Any]:
+    """The trial loop on one engine (opened here, closed at the end); its timings."""
+    from mergekit_rlvr.search import study as st
+    from mergekit_rlvr.search.objectives import dots_prompts, measure_dots
+    from mergekit_rlvr.search.reasoning import measure_reasoning, reasoning_prompts
+
     prompts: Dict[str, List[str]] = {}
 
     def start_engine():
-        engine = (open_engine or (lambda r, k: open_hotswap(r, k)[0]))(recipe_arg, engine_kwargs)
+        engine = (open_engine or (lambda r, k: open_hotswap(r, k)[0]))(recipe_arg, dict(settings.engine))
         tokenizer = engine.get_tokenizer()
         if settings.objective == "dots":
             prompts["gen"], prompts["ppl"] = dots_prompts(tokenizer, queries, settings)
@@ -126,6 +158,7 @@ def run_search(
             prompts["gen"] = reasoning_prompts(tokenizer, queries, settings)
         return engine
 
+    references = [q.answer for q in queries] if any(q.answer is not None for q in queries) else None
     if settings.objective == "dots":
         def measure(engine, stop_rule_for=None):
             return measure_dots(engine, prompts["gen"], prompts["ppl"], settings, stop_rule_for, references)
@@ -133,26 +166,14 @@ def run_search(
         def measure(engine, stop_rule_for=None):
             return measure_reasoning(engine, prompts["gen"], settings)
 
-    references = [q.answer for q in queries] if any(q.answer is not None for q in queries) else None
     evaluator = st.Evaluator(start_engine, measure, fixed)
     before = len(st.finished_trials(study))
-
-    def describe(study) -> str:
-        rows = [r for r in st.trial_rows(study, searched, fixed, objectives) if r["state"] == "COMPLETE"]
-        if not rows:
-            return ""
-        if settings.objective == "dots":
-            best, _ = select_dots(rows, settings.select)
-            return f"best #{best['number']} c={best['consistency']:.3f} ppl={best['perplexity']:.3g}"
-        best = largest_alpha(rows, settings.rho_min, searched[0])
-        return "" if best is None else f"{searched[0]}={best[searched[0]]:.4g} rate={best['reasoning_rate']:.3f}"
-
     total = settings.trials if settings.objective == "dots" else (
         settings.grid + 1 if settings.strategy == "grid" else settings.max_steps)
     if settings.objective == "dots" and before < settings.trials:
         evaluator.get_engine()  # before the progress bar, so that its rate is the trials'
     early_start_s = evaluator.engine_start_s
-    bar = _Progress(total, before, describe, enabled=progress)
+    bar = _Progress(total, before, _describer(settings, searched, fixed, objectives), enabled=progress)
     search_start = time.perf_counter()
     setup_s = search_start - started - early_start_s
     try:
@@ -167,77 +188,26 @@ def run_search(
         if evaluator.engine is not None and open_engine is None:
             close_engine(evaluator.engine)
         engine_close_s = time.perf_counter() - close_start
+    return {"engine_start_s": evaluator.engine_start_s if evaluator.engine is not None else None,
+            "engine_close_s": engine_close_s,
+            "setup_s": setup_s,  # recipe, queries, study
+            "search_s": search_s}  # the trial loop, engine start excluded
 
-    rows = st.trial_rows(study, searched, fixed, objectives)
-    summary = _summarize(rows, settings, searched, names, fixed, objectives, url, study.study_name)
-    summary["timings"] = {
-        "engine_start_s": evaluator.engine_start_s if evaluator.engine is not None else None,
-        "engine_close_s": engine_close_s,
-        "setup_s": setup_s,  # recipe, queries, study
-        "search_s": search_s,  # the trial loop, engine start excluded
-        "trials_this_run": len(rows) - before,
-        # sums over every finished trial of the study:
-        "trial_wall_s": sum(r["wall_s"] for r in rows if math.isfinite(r["wall_s"])),
-        "generate_s": sum(r["generate_s"] for r in rows if math.isfinite(r["generate_s"])),
-        "score_s": sum(r["score_s"] for r in rows if math.isfinite(r["score_s"])),
-        "swap_s": sum(r["swap_s"] for r in rows if math.isfinite(r["swap_s"])),
-    }
-    summary["queries"] = {"file": os.path.abspath(queries_path), "count": len(queries)}
-    reported = ["accuracy"] if any("accuracy" in r for r in rows) else []
-    files = {"trials.csv": rpt.trials_csv(rows, names, objectives, reported),
-             "summary.json": rpt.summary_json(summary)}
-    selected = summary["selected"]
-    if selected is not None:
-        files["best.yml"] = rpt.best_yaml(recipe, selected["coefficients"])
-    complete = [r for r in rows if r["state"] == "COMPLETE"]
-    if complete:
-        sel_row = None if selected is None else {**selected["coefficients"], **selected["objectives"],
-                                                 "number": selected["trial"]}
+
+def _describer(settings, searched, fixed, objectives) -> Callable[[Any], str]:
+    from mergekit_rlvr.search import study as st
+
+    def describe(study) -> str:
+        rows = [r for r in st.trial_rows(study, searched, fixed, objectives) if r["state"] == "COMPLETE"]
+        if not rows:
+            return ""
         if settings.objective == "dots":
-            front = [r for r in rows if r["number"] in {p["trial"] for p in summary["pareto_front"]}]
-            files["pareto.png"] = rpt.pareto_png(rows, front, sel_row)
-        files["objectives.png"] = rpt.objectives_png(
-            rows, searched, objectives, sel_row, settings.rho_min if settings.objective == "reasoning_rate" else None)
-    rpt.write_report(out_dir, files)
-    return summary
+            best, _ = select_dots(rows, settings.select)
+            return f"best #{best['number']} c={best['consistency']:.3f} ppl={best['perplexity']:.3g}"
+        best = largest_alpha(rows, settings.rho_min, searched[0])
+        return "" if best is None else f"{searched[0]}={best[searched[0]]:.4g} rate={best['reasoning_rate']:.3f}"
 
-
-def _summarize(rows, settings: SearchSettings, searched, names, fixed, objectives, url, study_name) -> Dict[str, Any]:
-    complete = [r for r in rows if r["state"] == "COMPLETE"]
-
-    def entry(row):
-        out = {"trial": row["number"], "coefficients": {n: row[n] for n in names},
-               "objectives": {o: row[o] for o in objectives}}
-        if "accuracy" in row:  # against the queries' answers: reported, never used to select
-            out["accuracy"] = row["accuracy"]
-        return out
-
-    summary: Dict[str, Any] = {"objective": settings.objective, "searched": list(searched),
-                               "storage": public_url(url), "study_name": study_name,
-                               "finished_trials": len(rows), "complete_trials": len(complete)}
-    if settings.objective == "dots":
-        if complete:
-            selected, front = select_dots(complete, settings.select)
-            summary["selected"] = {**entry(selected), "rule": settings.select}
-            summary["pareto_front"] = [entry(r) for r in front]
-        else:
-            summary["selected"], summary["pareto_front"] = None, []
-    else:
-        name = searched[0]
-        best = largest_alpha(complete, settings.rho_min, name, fallback=settings.bounds[0])
-        if best["number"] >= 0:
-            summary["selected"] = {**entry(best), "rule": f"largest {name} with reasoning_rate >= {settings.rho_min}"}
-        else:
-            coefficients = dict(fixed)
-            coefficients[name] = settings.bounds[0]
-            summary["selected"] = {"trial": None, "coefficients": coefficients,
-                                   "objectives": {"reasoning_rate": None},
-                                   "rule": f"no evaluated {name} reached {settings.rho_min}: the lower bound"}
-        summary["evaluated"] = sorted(([r[name], r["reasoning_rate"]] for r in complete), key=lambda p: p[0])
-    summary["settings"] = settings.to_dict()
-    if summary["settings"].get("storage"):
-        summary["settings"]["storage"] = public_url(summary["settings"]["storage"])
-    return summary
+    return describe
 
 
 def run_select_queries(

@@ -51,7 +51,11 @@ class SearchSettings:
     groups: Any = None
     # Optuna
     storage: Optional[str] = None
-    study_name: str = "search"
+    study_name: Optional[str] = None  # stored as given; default search-<objective>
+    # Optuna's heartbeat: a trial silent for grace_period seconds is failed (and its
+    # point retried, dots); seconds, integers as Optuna takes them
+    heartbeat_interval: int = 10
+    grace_period: int = 30
     prune: bool = False
     chunks: int = 4
     # reasoning_rate (paper 003)
@@ -103,7 +107,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
         parse(value)  # errors name search.groups
         return value
-    if key in ("storage",):
+    if key in ("storage", "study_name"):
+        if key == "study_name" and (not isinstance(value, str) or not value.strip()):
+            _fail(key, f"expected a non-empty name, got {value!r}")
         return None if value is None else str(value)
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -131,9 +137,12 @@ def _check(s: SearchSettings) -> SearchSettings:
     ):
         if getattr(s, key) not in allowed:
             _fail(key, f"{getattr(s, key)!r} is not one of {', '.join(allowed)}")
-    for key in ("trials", "samples", "max_tokens", "max_steps", "grid", "prefix_tokens", "chunks"):
+    for key in ("trials", "samples", "max_tokens", "max_steps", "grid", "prefix_tokens", "chunks",
+                "heartbeat_interval", "grace_period"):
         if getattr(s, key) < 1:
             _fail(key, f"must be at least 1, got {getattr(s, key)}")
+    if s.grace_period <= s.heartbeat_interval:
+        _fail("grace_period", f"must exceed heartbeat_interval ({s.heartbeat_interval}), got {s.grace_period}")
     if not 0.0 < s.temperature or not 0.0 < s.top_p <= 1.0:
         _fail("temperature" if s.temperature <= 0 else "top_p", "out of range")
     if not 0.0 <= s.rho_min <= 1.0:

@@ -1,11 +1,15 @@
-"""The Optuna study behind a search: storage, samplers, resume, the trial loop.
+"""The Optuna study behind a search: its name, samplers, resume, the trial loop.
 
 Every finished trial is in the study's storage (sqlite in the output directory by
-default, or any Optuna storage URL), written when the trial ends; a process killed
-at any moment loses at most the trial in flight, which the heartbeat marks failed
-once its grace period has passed. Rerunning with a larger ``trials`` continues from
-the finished trials; several processes on one storage cooperate on one study (each
-stops when the study holds ``trials`` finished trials).
+default, or any Optuna storage: mergekit_rlvr.search.storage), written when the trial
+ends; a process killed at any moment loses at most the trial in flight, which the
+heartbeat marks failed once its grace period has passed (and, for DoTS, enqueues
+again for a live worker). Rerunning with a larger ``trials`` continues from the
+finished trials; several processes on one storage cooperate on one study: each stops
+when the study holds ``trials`` finished trials, then waits until no trial is running
+(a worker still in its last trial may add one more: ``trials`` + 1 at most per
+concurrent worker that started one in the same moment), so that every worker's
+report covers the whole study.
 
 A trial swaps coefficients on the one running engine and measures; it never writes
 weights or starts an engine. The engine is opened lazily, so a rerun with nothing
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,73 +28,20 @@ from typing import Any, Callable, Dict, List, Sequence
 
 from mergekit_rlvr.errors import UserError
 from mergekit_rlvr.search.settings import SearchSettings
+from mergekit_rlvr.search.storage import open_storage, public_url
+from mergekit_rlvr.search.storage import storage_url as _storage_url
 
-HEARTBEAT_S = 10
-GRACE_S = 30
 FINISHED = ("COMPLETE", "PRUNED")
 
 
 def storage_url(settings: SearchSettings, out_dir: str) -> str:
-    return settings.storage or "sqlite:///" + os.path.abspath(os.path.join(out_dir, "study.db"))
+    return _storage_url(settings.storage, out_dir)
 
 
-def public_url(url: str) -> str:
-    """The storage URL without its password, for messages and reports."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001
-        return url
-
-
-_SQLITE_TUNED = False
-
-
-def _tune_sqlite() -> None:
-    """WAL journal and synchronous=NORMAL on our sqlite connections: a commit no
-    longer waits for fsync (about 5x faster trials' bookkeeping here), and a killed
-    process still loses nothing committed (only a power cut could). Processes on one
-    host share the file; across machines use a database server URL."""
-    global _SQLITE_TUNED
-    if _SQLITE_TUNED:
-        return
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
-    @event.listens_for(Engine, "connect")
-    def _pragmas(connection, record):  # noqa: ARG001
-        if type(connection).__module__.startswith("sqlite3"):
-            cursor = connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-
-    _SQLITE_TUNED = True
-
-
-def open_storage(url: str):
-    import optuna
-
-    if "://" not in url:
-        raise UserError(f"--storage {public_url(url)}: expected an Optuna storage URL such as sqlite:///path/study.db")
-    kwargs = {}
-    if url.startswith("sqlite"):
-        kwargs = {"connect_args": {"timeout": 60}}
-        _tune_sqlite()
-    last = None
-    for attempt in range(5):  # processes starting together race to create the tables
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                                  grace_period=GRACE_S)
-        except Exception as error:  # noqa: BLE001 - a bad URL or unreachable database is one line
-            last = error
-            if type(error).__name__ not in ("OperationalError", "IntegrityError"):
-                break
-            time.sleep(0.3 * (attempt + 1))
-    raise UserError(f"--storage {public_url(url)}: cannot open it ({str(last).splitlines()[0]})")
+def study_name(settings: SearchSettings) -> str:
+    """The name stored in the database: --study-name as given, else search-<objective>
+    (so a default output directory holds a dots and a reasoning_rate study side by side)."""
+    return settings.study_name or f"search-{settings.objective}"
 
 
 def make_sampler(settings: SearchSettings, seed: int):
@@ -112,30 +64,73 @@ def directions(settings: SearchSettings) -> List[str]:
     return ["maximize", "minimize"] if settings.objective == "dots" else ["maximize"]
 
 
-def open_study(settings: SearchSettings, url: str, searched: Sequence[str]):
-    """Create or load the study; check that a loaded one searched the same coefficients.
-    The sampler's seed mixes in the number of trials already stored, so a resumed
-    study does not replay its first random trials (and, with an explicit shared
-    storage, the process id, so that cooperating workers draw different ones)."""
+def _check_objective(storage, name: str, settings: SearchSettings, url: str) -> None:
+    """A study of another objective under this name is refused in one line."""
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return
+    stored = storage.get_study_user_attrs(study_id).get("objective")
+    if stored is None:  # older studies: their directions tell
+        stored = "dots" if len(storage.get_study_directions(study_id)) == 2 else "reasoning_rate"
+    if stored != settings.objective:
+        raise UserError(f"study {name!r} in {public_url(url)} holds objective {stored}, not {settings.objective}"
+                        " (use another --study-name, --out or --storage)")
+
+
+def open_study(settings: SearchSettings, url: str, searched: Sequence[str], create: bool = True):
+    """Create or load the study; check that a loaded one has the same objective and
+    searched the same coefficients. The sampler's seed mixes in the number of trials
+    already stored, so a resumed study does not replay its first random trials (and,
+    with an explicit shared storage, the process id, so that cooperating workers draw
+    different ones). ``create=False``: a missing study is an error."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(url)
-    name = f"{settings.study_name}-{settings.objective}"
+    storage = open_storage(url, settings.heartbeat_interval, settings.grace_period,
+                           retry=settings.objective == "dots")
+    name = study_name(settings)
+    _check_objective(storage, name, settings, url)
+    if not create and name not in {s.study_name for s in storage.get_all_studies()}:
+        raise UserError(f"no study {name!r} in {public_url(url)} (check --study-name and --storage)")
     study = optuna.create_study(storage=storage, study_name=name, directions=directions(settings),
                                 load_if_exists=True)
     stored = study.user_attrs.get("coefficients")
     if stored is None:
         study.set_user_attr("coefficients", list(searched))
         study.set_user_attr("bounds", list(settings.bounds))
+        study.set_user_attr("objective", settings.objective)
     elif list(stored) != list(searched):
         raise UserError(f"study {name!r} in {public_url(url)} searched coefficients {stored}, not {list(searched)}"
-                        " (use another --out, --storage or study_name)")
+                        " (use another --out, --storage or --study-name)")
     seed = settings.seed + len(study.get_trials(deepcopy=False))
     if settings.storage:
         seed = (seed * 1_000_003 + os.getpid()) % (2**31)
     study.sampler = make_sampler(settings, seed)
     return study
+
+
+def settle(study, poll_s: float) -> int:
+    """Wait until no trial of the study is RUNNING: each one either finishes in its
+    live worker or stops beating and is failed here once its grace period is over
+    (``fail_stale_trials``, which also enqueues its point again). So every worker's
+    report, written next, covers the whole study. Returns how many it failed."""
+    import optuna
+    from optuna.trial import TrialState
+
+    failed = 0
+    while True:
+        before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        failed += len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            return failed
+        time.sleep(poll_s)  # polls the storage: heartbeats are what it waits on
+
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def finished_trials(study) -> List[Any]:
@@ -186,6 +181,7 @@ class Evaluator:
     def __call__(self, trial, coefficients: Dict[str, float], stop_rule_for=None):
         import optuna
 
+        trial.set_user_attr("worker", WORKER)  # host:pid, which worker ran (or runs) it
         engine = self.get_engine()
         start = time.perf_counter()  # engine start is not the trial's time
         values = {**self.fixed, **coefficients}
@@ -223,15 +219,13 @@ def dominance_stop_rule(study, perplexity: float) -> Callable[[float, int, int],
 
 def run_dots(study, evaluator: Evaluator, settings: SearchSettings, searched: Sequence[str],
              progress: Callable[[Any], None] = lambda study: None) -> int:
-    """Run trials until the study holds ``settings.trials`` finished ones; returns how
-    many this process ran."""
-    import optuna
+    """Run trials until the study holds ``settings.trials`` finished ones, none running
+    and no retried point waiting (a worker killed in its trial: its point is evaluated
+    again, here or by another worker); returns how many this process ran."""
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
     remaining = settings.trials - len(finished_trials(study))
-    if remaining <= 0:
-        return 0
     lo, hi = settings.bounds
     ran = 0
 
@@ -248,10 +242,16 @@ def run_dots(study, evaluator: Evaluator, settings: SearchSettings, searched: Se
     def callback(study, trial):
         progress(study)
 
-    study.optimize(objective, n_trials=remaining, catch=(),
-                   callbacks=[MaxTrialsCallback(settings.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)),
-                              callback])
-    return ran
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, catch=(),
+                       callbacks=[MaxTrialsCallback(settings.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+                                  callback])
+    while True:  # a point whose worker died is evaluated even when the study is full by then
+        settle(study, max(0.2, settings.heartbeat_interval / 2))
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not waiting:
+            return ran
+        study.optimize(objective, n_trials=len(waiting), catch=(), callbacks=[callback])
 
 
 def run_reasoning(study, evaluator: Evaluator, settings: SearchSettings, name: str,
