@@ -169,7 +169,8 @@ def run_eval(recipe_path: str, tasks: Sequence[str], settings: Sequence[Any] = (
 
 def score_table(rows: List[Dict[str, Any]]) -> str:
     """A Markdown table: one row per setting, one column per task metric."""
-    columns = sorted({(t, m) for r in rows for t, ms in r["results"].items() for m in ms if "stderr" not in m})
+    columns = sorted({(t, m) for r in rows for t, ms in r["results"].items() for m in ms
+                      if "stderr" not in m and m != "sample_len"})
     names = list(rows[0]["coefficients"]) if rows else []
     head = "| " + " | ".join(names + [f"{t} {m}" for t, m in columns]) + " |"
     lines = [head, "|" + " --- |" * (len(names) + len(columns))]
