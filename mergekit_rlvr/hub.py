@@ -69,9 +69,14 @@ def _snapshot(model: str, repo: str, revision: Optional[str], cache_dir: Optiona
     try:
         patterns = None
         if not local_only:
-            files = huggingface_hub.list_repo_files(repo, revision=revision)
-            weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
-            patterns = PATTERNS + [weights]
+            try:
+                files = huggingface_hub.list_repo_files(repo, revision=revision)
+                weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
+                patterns = PATTERNS + [weights]
+            except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError):
+                raise
+            except Exception:  # noqa: BLE001 - Hub unreachable: snapshot_download falls back to the cache
+                patterns = None
         return huggingface_hub.snapshot_download(repo, revision=revision, cache_dir=cache_dir,
                                                  allow_patterns=patterns, local_files_only=local_only)
     except errors.RevisionNotFoundError:
