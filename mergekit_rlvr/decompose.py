@@ -195,8 +195,9 @@ class Decomposition:
     config: Any  # mergekit MergeConfiguration
     base: Any  # ModelReference
     models: List[Any]  # ModelReference, one per non-base input, recipe order
-    base_path: str
+    base_path: str  # local directory (a hub id's snapshot in the Hugging Face cache)
     model_paths: List[str]
+    resolved: Dict[str, str]  # model string as written -> local directory, where they differ
     coefficient_names: List[str]
     coefficients: List[float]
     tasks: List[TensorTask]
@@ -393,12 +394,16 @@ def decompose(recipe: RecipeLike, *, trust_remote_code: bool = False) -> Decompo
     from mergekit.options import MergeOptions
     from mergekit.plan import MergePlanner
 
+    from mergekit_rlvr.hub import resolve_recipe
+
     where = f"recipe {recipe}" if not isinstance(recipe, Mapping) else "recipe"
     data = load_recipe(recipe)
     method = data.get("merge_method")
     _check_method(method)
+    # hub ids -> snapshot directories (mergekit reads those; names stay as written)
+    local, aliases = resolve_recipe(data, where=where)
     try:
-        config = MergeConfiguration.model_validate(data)
+        config = MergeConfiguration.model_validate(local)
     except (pydantic.ValidationError, RuntimeError, ValueError) as error:
         first = str(error).splitlines()
         raise UserError(f"{where}: mergekit cannot parse it: {' '.join(first[:3])}") from None
@@ -409,8 +414,6 @@ def decompose(recipe: RecipeLike, *, trust_remote_code: bool = False) -> Decompo
     for ref in [config.base_model] + [m.model for m in config.models]:
         if ref.lora is not None:
             raise UserError(f"{where}: model {ref} has a LoRA; merge it first (hot-swap reads plain checkpoints)")
-        if not os.path.isdir(ref.model.path):
-            raise UserError(f"{where}: model {ref.model.path} is not a local directory")
 
     options = MergeOptions(trust_remote_code=trust_remote_code, quiet=True)
     LoaderCache().setup(options)
@@ -447,6 +450,7 @@ def decompose(recipe: RecipeLike, *, trust_remote_code: bool = False) -> Decompo
         models=models,
         base_path=os.path.abspath(base.model.path),
         model_paths=[os.path.abspath(m.model.path) for m in models],
+        resolved={written: path for path, written in aliases.items()},
         coefficient_names=names,
         coefficients=coefficients,
         tasks=tasks,
@@ -484,32 +488,22 @@ def _assign_slots(tasks: List[TensorTask], method: str, models, names: List[str]
     return expanded, [float(v) for v in values]
 
 
-def absolute_recipe(recipe: RecipeLike) -> Dict[str, Any]:
-    """The recipe with local model paths made absolute (so another process with
-    another working directory reads the same files)."""
-    data = load_recipe(recipe)
-    absolute = {written: path for path, written in model_aliases(data).items()}
+def absolute_recipe(recipe: RecipeLike, models: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+    """The recipe with every model string replaced by its local directory (absolute
+    paths; hub ids resolved through the Hugging Face cache, see :mod:`mergekit_rlvr.hub`),
+    so another process with another working directory reads the same files.
+    ``models``: resolutions made earlier (as written -> directory)."""
+    from mergekit_rlvr.hub import resolve_recipe
 
-    def fix(value):
-        return absolute.get(value, value) if isinstance(value, str) else value
-
-    if "base_model" in data:
-        data["base_model"] = fix(data["base_model"])
-    for entry in data.get("models") or []:
-        if isinstance(entry, dict):
-            entry["model"] = fix(entry.get("model"))
-    return data
+    return resolve_recipe(load_recipe(recipe), models)[0]
 
 
-def model_aliases(recipe: RecipeLike) -> Dict[str, str]:
-    """absolute path -> the ``model:`` string as written, for the local paths that
+def model_aliases(recipe: RecipeLike, models: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """local directory -> the ``model:`` string as written, for the strings that
     ``absolute_recipe`` rewrites (so coefficient names stay as the user wrote them)."""
-    data = load_recipe(recipe)
-    out = {}
-    for value in [data.get("base_model")] + [e.get("model") for e in data.get("models") or [] if isinstance(e, dict)]:
-        if isinstance(value, str) and os.path.isdir(value) and not os.path.isabs(value):
-            out[os.path.abspath(value)] = value
-    return out
+    from mergekit_rlvr.hub import resolve_recipe
+
+    return resolve_recipe(load_recipe(recipe), models)[1]
 
 
 def names_as_written(names: Sequence[str], aliases: Mapping[str, str]) -> List[str]:

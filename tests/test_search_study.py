@@ -71,6 +71,54 @@ def test_dots_report_and_selection(tmp_path):
     assert best["merge_method"] == "dots" and best["base_model"] == "base"
 
 
+def test_dashboard_reads_per_trial_attributes(tmp_path):
+    """The default sqlite study, as optuna-dashboard opens it (optuna.load_study on
+    <out>/study.db): objective names, and per trial the objectives, accuracy, timings
+    and every coefficient by name (the fixed one too)."""
+    import optuna
+
+    recipe = write_fake_recipe(tmp_path / "r.yml", extra={"trials": 3, "sampler": "random",
+                                                         "coefficients": ["a"]})
+    out = tmp_path / "out"
+    summary = run_search(recipe, write_queries(tmp_path / "q.jsonl", 2), str(out), open_engine=fake_opener(),
+                         progress=False)
+    study = optuna.load_study(study_name=summary["study_name"], storage=f"sqlite:///{out}/study.db")
+    assert study.metric_names == ["consistency", "perplexity"]
+    trials = study.get_trials()
+    assert len(trials) == 3
+    for t in trials:
+        attrs = t.user_attrs
+        a = t.params["a"]
+        assert attrs["coefficients"] == {"a": a, "b": 1.0}
+        assert [attrs["consistency"], attrs["perplexity"]] == t.values
+        assert attrs["perplexity"] == pytest.approx(10 + (a - 1) ** 2)  # the fake's known answer
+        assert attrs["accuracy"] == 1.0
+        assert 0 <= attrs["swap_s"] <= attrs["wall_s"] and attrs["generate_s"] >= 0
+
+    # and optuna-dashboard's own API serves them from the file as it is
+    dashboard = pytest.importorskip("optuna_dashboard")
+    app = dashboard.wsgi(f"sqlite:///{out}/study.db")
+    studies = _wsgi_get(app, "/api/studies")["study_summaries"]
+    assert [s["study_name"] for s in studies] == [summary["study_name"]]
+    detail = _wsgi_get(app, f"/api/studies/{studies[0]['study_id']}", "after=0")
+    assert detail["objective_names"] == ["consistency", "perplexity"]
+    sortable = {a["key"] for a in detail["union_user_attrs"] if a["sortable"]}
+    assert {"consistency", "perplexity", "accuracy", "swap_s", "wall_s"} <= sortable
+    shown = {a["key"]: a["value"] for a in detail["trials"][0]["user_attrs"]}
+    assert json.loads(shown["coefficients"]) == trials[0].user_attrs["coefficients"]
+
+
+def _wsgi_get(app, path, query=""):
+    from wsgiref.util import setup_testing_defaults
+
+    environ = {"PATH_INFO": path, "QUERY_STRING": query}
+    setup_testing_defaults(environ)
+    status = []
+    body = b"".join(app(environ, lambda s, headers, exc=None: status.append(s)))
+    assert status == ["200 OK"], body[:500]
+    return json.loads(body)
+
+
 def test_consistency_counts_equivalent_spellings(tmp_path):
     """The fake answers 1/2 as '1/2', '\\frac{1}{2}' and '0.5' in turn: all one vote."""
     engine = FakeEngine()

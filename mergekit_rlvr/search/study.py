@@ -100,6 +100,9 @@ def open_study(settings: SearchSettings, url: str, searched: Sequence[str], crea
         study.set_user_attr("coefficients", list(searched))
         study.set_user_attr("bounds", list(settings.bounds))
         study.set_user_attr("objective", settings.objective)
+        with warnings.catch_warnings():  # experimental in Optuna 5; optuna-dashboard's axis labels
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(objective_names(settings))
     elif list(stored) != list(searched):
         raise UserError(f"study {name!r} in {public_url(url)} searched coefficients {stored}, not {list(searched)}"
                         " (use another --out, --storage or --study-name)")
@@ -195,10 +198,26 @@ class Evaluator:
         if measurement.stopped_early:
             record["partial"] = dict(measurement.values)
         record["wall_s"] = time.perf_counter() - start
-        trial.set_user_attr("measure", record)  # one storage write
+        trial.set_user_attr("measure", record)  # what the report reads back
+        for key, value in dashboard_attrs(values, measurement, record).items():
+            trial.set_user_attr(key, value)
         if measurement.stopped_early:
             raise optuna.TrialPruned()
         return measurement
+
+
+def dashboard_attrs(values: Dict[str, float], measurement, record: Dict[str, Any]) -> Dict[str, Any]:
+    """Scalar user attributes that optuna-dashboard shows per trial (and can sort
+    and plot): the objectives (partial ones for a pruned trial), accuracy when the
+    queries have answers, the timings, and every coefficient by its name as the
+    recipe writes it (fixed ones too; the searched ones are also the trial's params)."""
+    out: Dict[str, Any] = {name: float(v) for name, v in measurement.values.items()}
+    if measurement.accuracy is not None:
+        out["accuracy"] = float(measurement.accuracy)
+    for key in ("swap_s", "generate_s", "wall_s"):
+        out[key] = float(record[key])
+    out["coefficients"] = {name: float(v) for name, v in values.items()}
+    return out
 
 
 def dominance_stop_rule(study, perplexity: float) -> Callable[[float, int, int], bool]:
