@@ -11,7 +11,7 @@ import pytest
 
 from mergekit_rlvr.errors import UserError
 from mergekit_rlvr.search.answers import extract_answer, group_answers, last_boxed, majority_vote
-from mergekit_rlvr.search.queries import difficulty, load_queries, select_by_difficulty
+from mergekit_rlvr.search.queries import difficulty, load_queries, select_by_difficulty, select_queries
 from mergekit_rlvr.search.reasoning import binary_search, grid_points, grid_search, trace_is_empty
 from mergekit_rlvr.search.selection import knee, largest_alpha, max_consistency, pareto_front, select_dots
 from mergekit_rlvr.search.settings import load_settings
@@ -162,6 +162,31 @@ def test_difficulty_and_stratified_selection_by_hand():
     assert sum(c.split == "low" for c in chosen) == 2 and all((c.index in low) == (c.split == "low") for c in chosen)
     assert chosen == select_by_difficulty(scores, n=4, threshold=0.8, seed=0)  # seeded
     assert len(select_by_difficulty(scores, n=100, threshold=0.8)) == 8  # small halves: take all
+
+
+def test_selection_strategies_of_tables_7_and_8():
+    scores = [0.0, 0.9, 0.2, 0.4, 0.85, 0.1, 0.6, 0.3, 0.5, 0.7]  # kept: 8; low = 0.0 0.1 0.2 0.3
+    low, medium, hard = {0, 5, 2, 7}, {3, 8, 6, 9}, {1, 4}
+    pick = lambda strategy, **kw: select_queries(scores, 4, 0.8, 0, strategy=strategy, **kw)  # noqa: E731
+    assert {s.index for s in pick("easy")} == low and {s.index for s in pick("medium")} == medium
+    assert pick("stratified") == select_by_difficulty(scores, 4, 0.8, 0)
+    quarter = pick("stratified", easy_fraction=0.25)  # Table 7's 25:75
+    assert sum(s.split == "low" for s in quarter) == 1 and sum(s.split == "medium" for s in quarter) == 3
+    assert [s.split for s in pick("stratified", easy_fraction=1.0)] == [s.split for s in pick("easy")]
+    # random: the whole pool, difficulty unused; all 10 when n is larger
+    assert {s.index for s in select_queries(scores, 20, 0.8, 0, strategy="random")} == set(range(10))
+    every = select_queries(scores, 10, 0.8, 0, strategy="random")
+    assert {s.index for s in every if s.split == "hard"} == hard
+    # diverse: equal numbers per data source, then what is left
+    groups = ["a", "a", "a", "a", "a", "a", "b", "b", "c", "c"]
+    chosen = select_queries(scores, 6, 0.8, 0, strategy="diverse", groups=groups)
+    assert sorted(groups[s.index] for s in chosen) == ["a", "a", "b", "b", "c", "c"]
+    chosen = select_queries(scores, 8, 0.8, 0, strategy="diverse", groups=groups)
+    assert sorted(groups[s.index] for s in chosen) == ["a"] * 4 + ["b", "b", "c", "c"]
+    # the default threshold 1 - 1/m is compared with slack: D = 0.8 at m = 5 is kept
+    assert [s.index for s in select_queries([1 - (0.2 + 0.2) / 2], 1, 1 - 1 / 5)] == [0]
+    with pytest.raises(UserError, match="--strategy"):
+        pick("uniform")
 
 
 def test_load_queries_jsonl_parquet_and_errors(tmp_path):

@@ -214,3 +214,25 @@ def test_select_queries_refuses_single_coefficient_recipes(tmp_path):
         run_select_queries(recipe, write_queries(tmp_path / "q.jsonl", 2), str(tmp_path / "sel.jsonl"),
                            open_engine=fake_opener(names=("alpha",)))
     assert not (tmp_path / "sel.jsonl").exists()
+
+
+def test_select_queries_scores_source_models_with_threshold_one_minus_one_over_m(tmp_path):
+    from mergekit_rlvr.search.runner import run_select_queries
+
+    recipe = write_fake_recipe(tmp_path / "r.yml", extra={})
+    seen = []
+
+    def opener(recipe, kwargs):
+        seen.append(recipe)
+        return FakeEngine()
+
+    out = tmp_path / "sel.jsonl"
+    result = run_select_queries(recipe, write_queries(tmp_path / "q.jsonl", 6), str(out), n=4, samples=4,
+                                open_engine=opener)
+    assert result["threshold"] == 0.75 and result["sources"] == "models"  # 1 - 1/m at m = 4
+    assert seen[0]["parameters"] == {"density": 1.0, "rescale": "none"}
+    run_select_queries(recipe, str(tmp_path / "q.jsonl"), str(out), n=4, samples=5, sources="sparsified",
+                       open_engine=opener)
+    assert "parameters" not in seen[1]  # the recipe as written
+    assert run_select_queries(recipe, str(tmp_path / "q.jsonl"), str(out), n=4, threshold=0.3,
+                              open_engine=opener)["threshold"] == 0.3

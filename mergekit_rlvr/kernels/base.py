@@ -60,6 +60,19 @@ def choice(name: str, options: Sequence[str]):
     return Annotated[str, BeforeValidator(validate)]
 
 
+def flag(name: str):
+    """A true/false parameter whose validation names it."""
+    from pydantic import BeforeValidator
+    from typing_extensions import Annotated
+
+    def validate(value):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+
+    return Annotated[bool, BeforeValidator(validate)]
+
+
 def label(model_id: Hashable) -> str:
     return str(model_id)
 

@@ -150,7 +150,11 @@ def query_consistencies(engine, prompts: Sequence[str], settings: SearchSettings
     return [majority_vote([extract_answer(c.text) for c in o.outputs]).consistency for o in outputs], seconds
 
 
+def query_prompts(tokenizer, queries: Sequence[Query], settings: SearchSettings, instruction: Optional[str] = None):
+    """The generation prompt of every query (``build_prompt`` on its question)."""
+    return [build_prompt(tokenizer, q.prompt, settings, instruction) for q in queries]
+
+
 def dots_prompts(tokenizer, queries: Sequence[Query], settings: SearchSettings):
     """(generation prompts with the instruction, perplexity prompts without it), as the authors' code."""
-    return ([build_prompt(tokenizer, q.prompt, settings) for q in queries],
-            [build_prompt(tokenizer, q.prompt, settings, instruction="") for q in queries])
+    return query_prompts(tokenizer, queries, settings), query_prompts(tokenizer, queries, settings, instruction="")
