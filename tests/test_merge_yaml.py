@@ -143,6 +143,8 @@ def test_sar_dropout_touches_only_low_private_half_at_the_rate(tiny_family, tmp_
     dropped = _merge(tmp_path, "sar-p", {**common, "parameters": {"drop_rate": p, "scale": 2.0, "seed": 5}})
     again = _merge(tmp_path, "sar-p-again", {**common, "parameters": {"drop_rate": p, "scale": 2.0, "seed": 5}})
     _assert_states_close(dropped, again, atol=0, rtol=0)
+    unscaled = _merge(tmp_path, "sar-p-unscaled",
+                      {**common, "parameters": {"drop_rate": p, "scale": 2.0, "seed": 5, "rescale": False}})
     low_total = zeroed = 0
     for k in base:
         if base[k].numel() < 1000:
@@ -155,6 +157,9 @@ def test_sar_dropout_touches_only_low_private_half_at_the_rate(tiny_family, tmp_
         r = resolved[low]
         is_zero = d.abs() < 1e-7
         torch.testing.assert_close(d[~is_zero], r[~is_zero] / (1 - p), atol=1e-5, rtol=1e-4)
+        u = (unscaled[k] - base[k])[low] / 2.0  # rescale: false (paper 001 Table 5): survivors as they were
+        torch.testing.assert_close(u[~is_zero], r[~is_zero], atol=1e-5, rtol=1e-4)
+        assert bool((u[is_zero].abs() < 1e-7).all())
         low_total += int(low.sum())
         zeroed += int(is_zero.sum())
     assert low_total > 10_000
