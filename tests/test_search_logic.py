@@ -13,7 +13,7 @@ from mergekit_rlvr.errors import UserError
 from mergekit_rlvr.search.answers import extract_answer, group_answers, last_boxed, majority_vote
 from mergekit_rlvr.search.queries import difficulty, load_queries, select_by_difficulty, select_queries
 from mergekit_rlvr.search.reasoning import binary_search, grid_points, grid_search, trace_is_empty
-from mergekit_rlvr.search.selection import knee, largest_alpha, max_consistency, pareto_front, select_dots
+from mergekit_rlvr.search.selection import excluded, knee, largest_alpha, max_consistency, pareto_front, select_dots
 from mergekit_rlvr.search.settings import load_settings
 
 
@@ -42,11 +42,33 @@ def test_equivalent_spellings_vote_together():
     assert group_answers(["2", "3", "4"]) == [("2", 1), ("3", 1), ("4", 1)]
 
 
-def test_unparseable_majority_scores_zero():
-    assert majority_vote([None, None, None, "3", "4"]).consistency == 0.0
-    assert majority_vote([None, "3", None, "3"]).consistency == 0.0  # tie: the first cluster (None) wins
-    assert majority_vote([]).consistency == 0.0
+def test_consistency_is_eq4_unparseable_samples_form_no_class():
+    # max over answers y of (samples equal to y) / m, m counting the unparseable ones
+    assert majority_vote([None, None, "5", "5"]).consistency == 0.5
+    assert majority_vote(["5", "5", None, None]).consistency == 0.5
+    assert majority_vote([None, None, None, "5", "5"]).consistency == pytest.approx(0.4)
+    assert majority_vote([None, None, None, "3", "4"]).consistency == pytest.approx(0.2)
+    assert majority_vote([None, None]).consistency == 0.0 and majority_vote([]).consistency == 0.0
     assert majority_vote(["3", None, None, "3", "3.0"]).consistency == pytest.approx(0.6)
+    # brute force: every order of a multiset gives the same value and the same answer
+    import itertools
+
+    for sample in (["7", "8", None, "8", "7", None], ["1/2", "0.5", "2", "2", None]):
+        votes = {(v.answer is not None and v.answer in ("7", "1/2", "0.5"), v.votes)
+                 for v in (majority_vote(list(p)) for p in itertools.permutations(sample))}
+        assert len(votes) == 1
+    assert majority_vote(["8", "7"]).answer == majority_vote(["7", "8"]).answer == "7"
+
+
+def test_unparseable_majority_scores_zero_with_the_authors_rule():
+    assert majority_vote([None, None, None, "3", "4"], "authors").consistency == 0.0
+    assert majority_vote([None, "3", None, "3"], "authors").consistency == 0.0  # tie: the first cluster (None)
+    assert majority_vote(["3", None, "3", None], "authors").consistency == 0.5
+    assert majority_vote([], "authors").consistency == 0.0
+    assert majority_vote(["3", None, None, "3", "3.0"], "authors").consistency == pytest.approx(0.6)
+    assert load_settings({"consistency": "authors"}).consistency == "authors"
+    with pytest.raises(UserError, match="search.consistency"):
+        load_settings({"consistency": "max"})
 
 
 def test_text_answers_vote_by_normalized_text():
@@ -80,6 +102,19 @@ def test_knee_by_hand():
     assert selected["number"] == 4
     distances = {r["number"]: math.hypot((0.9 - r["consistency"]) / 0.6, (r["perplexity"] - 9) / 11) for r in front}
     assert min(distances, key=distances.get) == 4
+
+
+def test_non_finite_trials_are_never_selected():
+    # a degenerate trial (c = 1, perplexity inf) is on the raw front and, with it, the
+    # perplexity range is infinite: the knee would take it; it is excluded instead
+    table = TABLE + rows(*[(0.0, 0.0)] * 7, (1.0, math.inf), (0.95, math.nan))[7:]
+    assert excluded(table) == 2
+    for how in ("knee", "max_consistency"):
+        selected, front = select_dots(table, how)
+        assert selected["number"] == select_dots(TABLE, how)[0]["number"]
+        assert [r["number"] for r in front] == [0, 2, 4, 5]
+    with pytest.raises(ValueError, match="finite"):
+        select_dots(rows((1.0, math.inf)), "knee")
 
 
 def test_knee_with_constant_perplexity_is_max_consistency():

@@ -124,7 +124,7 @@ def measure_dots(
         start = time.perf_counter()
         for index, output in zip(range(lo, hi), outputs):
             texts = [c.text for c in output.outputs]
-            vote = majority_vote([extract_answer(t) for t in texts])
+            vote = majority_vote([extract_answer(t) for t in texts], settings.consistency)
             per_query.append(vote.consistency)
             if references is not None and references[index] is not None:
                 correct.append(vote.answer is not None and equivalent(vote.answer, references[index]))
@@ -147,7 +147,8 @@ def query_consistencies(engine, prompts: Sequence[str], settings: SearchSettings
     start = time.perf_counter()
     outputs = engine.generate(list(prompts), params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    return [majority_vote([extract_answer(c.text) for c in o.outputs]).consistency for o in outputs], seconds
+    return [majority_vote([extract_answer(c.text) for c in o.outputs], settings.consistency).consistency
+            for o in outputs], seconds
 
 
 def query_prompts(tokenizer, queries: Sequence[Query], settings: SearchSettings, instruction: Optional[str] = None):

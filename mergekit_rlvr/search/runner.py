@@ -17,7 +17,7 @@ from mergekit_rlvr.search import report as rpt
 from mergekit_rlvr.search.engine import close_engine
 from mergekit_rlvr.search.engine import open_engine as open_hotswap
 from mergekit_rlvr.search.queries import load_queries
-from mergekit_rlvr.search.selection import largest_alpha, select_dots
+from mergekit_rlvr.search.selection import excluded, is_finite, largest_alpha, select_dots
 from mergekit_rlvr.search.settings import SearchSettings, load_settings
 from mergekit_rlvr.search.study import public_url
 
@@ -139,6 +139,8 @@ def run_search(
 
     def describe(study) -> str:
         rows = [r for r in st.trial_rows(study, searched, fixed, objectives) if r["state"] == "COMPLETE"]
+        if settings.objective == "dots":
+            rows = [r for r in rows if is_finite(r)]
         if not rows:
             return ""
         if settings.objective == "dots":
@@ -216,7 +218,8 @@ def _summarize(rows, settings: SearchSettings, searched, names, fixed, objective
                                "storage": public_url(url), "study_name": study_name,
                                "finished_trials": len(rows), "complete_trials": len(complete)}
     if settings.objective == "dots":
-        if complete:
+        summary["excluded_non_finite"] = excluded(complete)  # never selected, never on the front
+        if complete and summary["excluded_non_finite"] < len(complete):
             selected, front = select_dots(complete, settings.select)
             summary["selected"] = {**entry(selected), "rule": settings.select}
             summary["pareto_front"] = [entry(r) for r in front]
