@@ -38,6 +38,16 @@ def recipes(family):
             ],
             "dtype": "float32",
         },
+        "dots_global": {  # sparsify: global (Eq. 2's one quantile), served == materialized too
+            "merge_method": "dots",
+            "base_model": family["base"],
+            "models": [
+                {"model": family["sft"], "parameters": {"weight": 0.7, "density": 0.3}},
+                {"model": family["rl"], "parameters": {"weight": 1.3, "density": 0.2}},
+            ],
+            "parameters": {"sparsify": "global", "rescale": "global"},
+            "dtype": "float32",
+        },
         "sar": {
             "merge_method": "sar",
             "base_model": family["base"],
@@ -90,7 +100,7 @@ def materialized(tiny_family, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method", ["dots", "sar", "reasoning_interp"])
+@pytest.mark.parametrize("method", ["dots", "dots_global", "sar", "reasoning_interp"])
 def test_decomposition_equals_mergekit_bit_for_bit(materialized, method):
     recipe, out = materialized[method]
     d = decompose(str(recipe))

@@ -190,3 +190,28 @@ def test_masked_and_sparse_layouts_combine_bit_for_bit():
     for c in (0.0, 0.79, -1.3):
         a, b = combine(base, [masked], [c]), combine(base, [sparse], [c])
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_global_sparsify_threshold_is_the_exact_kth_over_all_tensors(dtype):
+    from mergekit_rlvr.methods.dots_global import dots_global_stats
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"t{i}": torch.zeros(shape, dtype=dtype) for i, shape in enumerate([(40, 30), (7,), (300, 5), (1,)])}
+    # few distinct magnitudes (ties), both signs, and one model with a wide range
+    models = [{k: (torch.randint(-3, 4, v.shape, generator=g) * 2.0 ** -12).to(dtype) for k, v in base.items()},
+              {k: (torch.randn(v.shape, generator=g) * 10 ** torch.randint(-6, 2, v.shape, generator=g)).to(dtype)
+               for k, v in base.items()}]
+    triples = [(k, base[k], [m[k] for m in models]) for k in base]
+    for densities in ([0.3, 0.3], [0.05, 0.999], [1.0, 1e-6]):
+        stats = dots_global_stats(triples, densities)
+        for i, (model, density) in enumerate(zip(models, densities)):
+            flat = torch.cat([model[k].reshape(-1) for k in base]).double()
+            k = int(density * flat.numel())
+            expected = math.inf if k == 0 else float(flat.abs().sort(descending=True).values[k - 1])
+            expected = -math.inf if k >= flat.numel() else expected  # keep all, as per tensor
+            assert stats.global_thresholds[i] == expected
+            kept = flat[flat.abs() >= expected]
+            assert stats.full_sq[i] == pytest.approx(float((flat ** 2).sum()), rel=1e-12)
+            assert stats.kept_sq[i] == pytest.approx(float((kept ** 2).sum()), rel=1e-12)
+            assert all(stats.threshold(i, name) == expected for name in base)
