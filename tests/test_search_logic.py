@@ -272,3 +272,31 @@ def test_settings_defaults_block_and_flags():
 def test_settings_errors_name_the_setting(block, message):
     with pytest.raises(UserError, match=message):
         load_settings(block)
+
+
+def test_verl_layout_answers_and_messages_rendered_as_given(tmp_path, tiny_family):
+    """The DoTS data's verl layout: prompt = chat messages with a system turn, the answer
+    under reward_model.ground_truth; prompt_format: messages renders them as given."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from mergekit_rlvr.search.objectives import query_prompts
+
+    messages = [{"role": "system", "content": "You are a careful solver."},
+                {"role": "user", "content": "What is 6*7?"}]
+    path = tmp_path / "verl.parquet"
+    pq.write_table(pa.table({"data_source": ["math"], "prompt": [messages],
+                             "reward_model": [{"ground_truth": "42", "style": "rule"}]}), path)
+    (query,) = load_queries(str(path))
+    assert (query.prompt, query.answer, query.messages) == ("What is 6*7?", "42", messages)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_family["base"])
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    as_given = load_settings({"prompt_format": "messages"})
+    assert query_prompts(tokenizer, [query], as_given) == [expected]
+    assert "You are a careful solver." in expected and "boxed" not in expected
+    default = query_prompts(tokenizer, [query], load_settings({}))[0]
+    assert "You are a careful solver." not in default and "What is 6*7?" in default and "boxed" in default
+    # perplexity prompts stay the question alone in both formats
+    assert query_prompts(tokenizer, [query], as_given, instruction="") == \
+        query_prompts(tokenizer, [query], load_settings({}), instruction="")

@@ -151,8 +151,23 @@ def query_consistencies(engine, prompts: Sequence[str], settings: SearchSettings
             for o in outputs], seconds
 
 
+def render_messages(tokenizer, query: Query) -> str:
+    """``prompt_format: messages``: the row's chat messages as given (system turn
+    included, no instruction added), through the tokenizer's chat template."""
+    from mergekit_rlvr.errors import UserError
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("search.prompt_format: messages needs a tokenizer with a chat template")
+    messages = query.messages or [{"role": "user", "content": query.prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def query_prompts(tokenizer, queries: Sequence[Query], settings: SearchSettings, instruction: Optional[str] = None):
-    """The generation prompt of every query (``build_prompt`` on its question)."""
+    """The generation prompt of every query: ``build_prompt`` on its question (the
+    user turn plus the instruction), or with ``prompt_format: messages`` its chat
+    messages as given. Perplexity prompts (``instruction=""``) are always the question."""
+    if settings.prompt_format == "messages" and instruction is None:
+        return [render_messages(tokenizer, q) for q in queries]
     return [build_prompt(tokenizer, q.prompt, settings, instruction) for q in queries]
 
 

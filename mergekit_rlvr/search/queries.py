@@ -1,5 +1,6 @@
 """Query files (JSONL with ``prompt`` and optional ``answer``, or parquet with a
-``prompt`` column, the DoTS data format) and difficulty-aware selection (paper 000,
+``prompt`` column, the DoTS data format: the verl layout, ``prompt`` a list of chat
+messages and the answer under ``reward_model.ground_truth``) and difficulty-aware selection (paper 000,
 Sec. 4.2 and Alg. 1 stage 1)."""
 
 from __future__ import annotations
@@ -19,6 +20,39 @@ class Query:
     prompt: str
     answer: Optional[str] = None
     row: Dict[str, Any] = field(default_factory=dict)  # the whole input row, written back by select-queries
+    messages: Optional[List[Dict[str, str]]] = None  # the row's chat messages, when its prompt is a list of them
+
+
+def _messages(raw: Any) -> Optional[List[Dict[str, str]]]:
+    """The prompt as chat messages (the verl layout of the DoTS data: a list of
+    {role, content}, often with a system turn), or None for a text prompt."""
+    if hasattr(raw, "tolist"):
+        raw = raw.tolist()
+    if isinstance(raw, str) and raw.strip().startswith("[") and raw.strip().endswith("]"):
+        try:
+            raw = ast.literal_eval(raw.strip())
+        except (SyntaxError, ValueError):
+            return None
+    if isinstance(raw, list) and raw and all(isinstance(m, dict) and "role" in m for m in raw):
+        return [{"role": str(m["role"]), "content": str(m.get("content", ""))} for m in raw]
+    return None
+
+
+def _answer(row: Dict[str, Any]) -> Optional[str]:
+    """``answer``, else the verl layout's ``reward_model.ground_truth`` (reported only)."""
+    answer = row.get("answer")
+    if answer is None:
+        reward = row.get("reward_model")
+        if isinstance(reward, str):
+            try:
+                reward = json.loads(reward)
+            except json.JSONDecodeError:
+                reward = None
+        if isinstance(reward, dict):
+            answer = reward.get("ground_truth")
+    if hasattr(answer, "tolist"):
+        answer = answer.tolist()
+    return None if answer is None else str(answer)
 
 
 def _prompt_text(raw: Any) -> str:
@@ -93,8 +127,7 @@ def load_queries(path: str) -> List[Query]:
         prompt = _prompt_text(row["prompt"])
         if not prompt.strip():
             raise UserError(f"{path}: row {number} has an empty prompt")
-        answer = row.get("answer")
-        queries.append(Query(prompt, None if answer is None else str(answer), row))
+        queries.append(Query(prompt, _answer(row), row, _messages(row["prompt"])))
     if not queries:
         raise UserError(f"{path}: no queries")
     return queries

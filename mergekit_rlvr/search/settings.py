@@ -23,6 +23,7 @@ SAMPLERS = ("tpe", "nsga2", "random")
 PERPLEXITY = ("prompt", "response")
 SELECT = ("max_consistency", "knee")
 CONSISTENCY = ("eq4", "authors")  # mergekit_rlvr.search.answers.RULES
+PROMPT_FORMATS = ("question", "messages")
 STRATEGIES = ("binary", "grid")
 DETECT = ("prefix", "logit", "full")
 
@@ -50,6 +51,10 @@ class SearchSettings:
     # (question + instruction); anything else is a format string with {prompt}
     template: str = "chat"
     instruction: str = DEFAULT_INSTRUCTION
+    # "question": the prompt's user turn + instruction, as above; "messages": a query
+    # file's chat messages (the verl layout, system turn included) as given, through
+    # the tokenizer's chat template (no instruction added)
+    prompt_format: str = "question"
     # coefficients to search (default: all of HotSwapLLM.coefficients); others stay fixed
     coefficients: Optional[List[str]] = None
     # one coefficient per module group (mergekit_rlvr.groups): true, [attention, mlp, ...] or {name: [filters]}
@@ -132,7 +137,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 def _check(s: SearchSettings) -> SearchSettings:
     for key, allowed in (
         ("objective", OBJECTIVES), ("sampler", SAMPLERS), ("perplexity", PERPLEXITY),
-        ("select", SELECT), ("consistency", CONSISTENCY), ("strategy", STRATEGIES), ("detect", DETECT),
+        ("select", SELECT), ("consistency", CONSISTENCY), ("prompt_format", PROMPT_FORMATS),
+        ("strategy", STRATEGIES), ("detect", DETECT),
     ):
         if getattr(s, key) not in allowed:
             _fail(key, f"{getattr(s, key)!r} is not one of {', '.join(allowed)}")
