@@ -114,8 +114,8 @@ def pass1_kernel(models: List[torch.Tensor], base: torch.Tensor, epsilon: float,
             both = updated[i] & updated[j]
             conflict = both & _opposite(deltas[i], deltas[j], product, epsilon)
             changed_both = changed[i] & changed[j]
-            zero = torch.zeros((), dtype=product.dtype, device=product.device)
-            a_ov, b_ov = torch.where(changed_both, deltas[i], zero), torch.where(changed_both, deltas[j], zero)
+            weight = changed_both.to(product.dtype)  # 1 on the overlap of the changed masks, else 0
+            a_ov, b_ov = deltas[i] * weight, deltas[j] * weight
             per_pair.append((
                 product.sum(),
                 torch.count_nonzero(both),
@@ -123,7 +123,7 @@ def pass1_kernel(models: List[torch.Tensor], base: torch.Tensor, epsilon: float,
                 torch.count_nonzero(changed_both),
                 torch.linalg.vector_norm(torch.clamp(product, max=0.0)),  # Eq. 10
                 # paper 004 Fig. 3: the two updates on the overlap of the changed masks
-                torch.dot(a_ov, b_ov), torch.dot(a_ov, a_ov), torch.dot(b_ov, b_ov),
+                torch.dot(a_ov, deltas[j]), torch.dot(a_ov, a_ov), torch.dot(b_ov, b_ov),
             ))
     return per_model, per_pair
 
