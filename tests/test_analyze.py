@@ -118,6 +118,14 @@ def test_hand_computed_figures(hand):
     # eta = 0.1: 7 changed entries each, 4 in both
     assert pair["jaccard"] == pytest.approx(4 / 10)
     assert pair["jaccard_random"] == pytest.approx(7 / 17)
+    # paper 004 Table 5 per matrix type: q_proj changed a = [1,1,0,1], b = [1,1,1,0] (eta 0.1)
+    assert pair["jaccard_by_type"]["q_proj"] == pytest.approx(2 / 4)
+    assert pair["jaccard_random_by_type"]["q_proj"] == pytest.approx(0.5625 / (1.5 - 0.5625))
+    assert pair["jaccard_by_layer_type"]["0"]["q_proj"] == pytest.approx(2 / 4)
+    # Fig. 3: on the overlap (entries 0, 1) a = (.5, -.25), b = (-.5, -.5)
+    assert pair["overlap_cosine_by_type"]["q_proj"] == pytest.approx(-0.125 / math.sqrt(0.3125 * 0.5))
+    # paper 001 Fig. 2: layer 0 (q_proj, up_proj) has 6 of 8 entries of a updated, layer 1 (norm) 1 of 2
+    assert va["layer_sparsity"] == pytest.approx({"0": 2 / 8, "1": 1 / 2})
     # negative products: -.25, -.25, -.03125
     assert pair["conflict_norm"] == pytest.approx(math.sqrt(0.1259765625))
     assert pair["sign_conflict_by_density"] == pytest.approx({
@@ -192,13 +200,17 @@ def reference(base_path, model_paths, epsilon, eta, top):
 
     base = load_file(os.path.join(base_path, "model.safetensors"))
     names = list(NAMES)
-    deltas, changed, layers, kinds = [], [], {}, {}
+    from mergekit_rlvr.analysis.breakdown import matrix_type
+
+    deltas, changed, layers, kinds, types, layer_types = [], [], {}, {}, {}, {}
     offset = 0
     for n in names:
         size = base[n].numel()
         if S.layer_index(n) is not None:
             layers.setdefault(S.layer_index(n), []).append((offset, offset + size))
+            layer_types.setdefault((S.layer_index(n), matrix_type(n)), []).append((offset, offset + size))
         kinds.setdefault(S.module_kind(n), []).append((offset, offset + size))
+        types.setdefault(matrix_type(n), []).append((offset, offset + size))
         offset += size
 
     def pick(vector, spans):
@@ -224,6 +236,7 @@ def reference(base_path, model_paths, epsilon, eta, top):
             "layer_l2_norms": {str(i): float(pick(d, s).norm()) for i, s in layers.items()},
             "module_top_share": {k: float(pick(top_mask, s).double().mean()) for k, s in kinds.items()},
             "changed_share": float(c.double().mean()),
+            "layer_sparsity": {str(i): float((pick(d, s).abs() <= epsilon).double().mean()) for i, s in layers.items()},
         }
     for i in range(len(deltas)):
         for j in range(i + 1, len(deltas)):
@@ -254,6 +267,34 @@ def reference(base_path, model_paths, epsilon, eta, top):
                 "conflict_norm": float((a * b).clamp(max=0).norm()),
                 "sign_conflict_by_density": by_density,
             })
+            ci, cj = changed[i], changed[j]
+
+            def jac(spans):
+                x, y = pick(ci, spans), pick(cj, spans)
+                return float((x & y).sum() / (x | y).sum()) if (x | y).any() else None
+
+            def rand(spans):
+                x, y = float(pick(ci, spans).double().mean()), float(pick(cj, spans).double().mean())
+                return x * y / (x + y - x * y) if x + y > 0 else None
+
+            def cos(spans):  # the two updates on the entries changed in both
+                both = pick(ci, spans) & pick(cj, spans)
+                x, y = pick(a, spans)[both], pick(b, spans)[both]
+                return float(x @ y / (x.norm() * y.norm())) if both.any() and x.norm() * y.norm() > 0 else None
+
+            out["pairs"][-1].update({
+                "jaccard_by_type": {t: jac(sp) for t, sp in sorted(types.items())},
+                "jaccard_random_by_type": {t: rand(sp) for t, sp in sorted(types.items())},
+                "jaccard_by_layer": {str(L): jac(sp) for L, sp in sorted(layers.items())},
+                "jaccard_random_by_layer": {str(L): rand(sp) for L, sp in sorted(layers.items())},
+                "overlap_cosine_by_type": {t: cos(sp) for t, sp in sorted(types.items())},
+                "overlap_cosine_by_layer": {str(L): cos(sp) for L, sp in sorted(layers.items())},
+                "overlap_cosine_by_kind": {k: cos(sp) for k, sp in sorted(kinds.items())},
+                "overlap_cosine": cos([(0, a.numel())]),
+                "jaccard_by_layer_type": {str(L): {t: jac(layer_types[(L, t)])
+                                                   for t in sorted(t_ for L_, t_ in layer_types if L_ == L)}
+                                          for L in sorted(layers)},
+            })
     return out
 
 
@@ -272,6 +313,10 @@ def test_matches_brute_force_reference(tmp_path, dtype, epsilon):
         for key, value in expected.items():
             if isinstance(value, str):
                 assert pair[key] == value
+            elif isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
+                assert list(pair[key]) == list(value), key
+                for inner in value:
+                    assert pair[key][inner] == pytest.approx(value[inner], rel=1e-5, abs=1e-12), (key, inner)
             else:
                 assert pair[key] == pytest.approx(value, rel=1e-5, abs=1e-12), (pair["a"], pair["b"], key)
     if dtype == torch.bfloat16:  # quantized deltas: many ties at the global thresholds

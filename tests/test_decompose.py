@@ -38,6 +38,16 @@ def recipes(family):
             ],
             "dtype": "float32",
         },
+        "dots_global": {  # sparsify: global (Eq. 2's one quantile), served == materialized too
+            "merge_method": "dots",
+            "base_model": family["base"],
+            "models": [
+                {"model": family["sft"], "parameters": {"weight": 0.7, "density": 0.3}},
+                {"model": family["rl"], "parameters": {"weight": 1.3, "density": 0.2}},
+            ],
+            "parameters": {"sparsify": "global", "rescale": "global"},
+            "dtype": "float32",
+        },
         "sar": {
             "merge_method": "sar",
             "base_model": family["base"],
@@ -90,7 +100,7 @@ def materialized(tiny_family, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method", ["dots", "sar", "reasoning_interp"])
+@pytest.mark.parametrize("method", ["dots", "dots_global", "sar", "reasoning_interp"])
 @pytest.mark.slow
 def test_decomposition_equals_mergekit_bit_for_bit(materialized, method):
     recipe, out = materialized[method]
@@ -182,3 +192,27 @@ def test_bad_coefficients():
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(UserError, match="nope.yml"):
         decompose(str(tmp_path / "nope.yml"))
+
+
+@pytest.mark.parametrize("method", ["dots", "task_arithmetic"])
+def test_select_queries_engine_serves_each_source_model_itself(tiny_family, method):
+    """Paper 000 Sec. 4.2 scores theta_SFT and theta_RLVR: the engine recipe of
+    select-queries (density 1, no rescale / lambda 1) with coefficient 1 on one model
+    and 0 on the others is that checkpoint; --sources sparsified keeps the recipe's vectors."""
+    from mergekit_rlvr.methods.common import combine
+    from mergekit_rlvr.search.select import source_recipe
+
+    recipe = recipes(tiny_family)[method]
+    recipe["parameters"] = {"rescale": "global", "density": 0.3} if method == "dots" else {"lambda": 0.6}
+    d = decompose(source_recipe(recipe))
+    sparse = decompose(source_recipe(recipe, "sparsified"))
+    models = [load_state(tiny_family["sft"]), load_state(tiny_family["rl"])]
+    differs = 0
+    for task, sparse_task in zip(d.tasks, sparse.tasks):
+        base, vectors = d.tensor(task)
+        _, sparse_vectors = sparse.tensor(sparse_task)
+        for i, model in enumerate(models):
+            hot = [1.0 if j == i else 0.0 for j in range(len(models))]
+            torch.testing.assert_close(combine(base, vectors, hot), model[task.name], rtol=0, atol=1e-6)
+            differs += not torch.allclose(combine(base, sparse_vectors, hot), model[task.name], atol=1e-6)
+    assert differs > 0

@@ -48,14 +48,16 @@ def test_reasoning_interp_equals_linear(tiny_family, tmp_path):
     _assert_states_close(interp, linear)
 
 
-def dots_reference(base, models, weights, densities, rescale):
-    """Eq. 2, 3, 6 of paper 000, written independently with numpy sorts."""
-    taus = [{k: m[k].double().numpy() - base[k].double().numpy() for k in base} for m in models]
+def dots_reference(base, models, weights, densities, rescale, sparsify="tensor"):
+    """Eq. 2, 3, 6 of paper 000, written independently with numpy sorts (sparsify
+    global: Eq. 2's one quantile over the whole task vector)."""
+    taus = [{k: m[k].float().double().numpy() - base[k].float().double().numpy() for k in base} for m in models]
     sparse = []
     for tau, density in zip(taus, densities):
         out = {}
+        everything = np.concatenate([np.abs(t).reshape(-1) for t in tau.values()])
         for k, t in tau.items():
-            flat = np.abs(t).reshape(-1)
+            flat = everything if sparsify == "global" else np.abs(t).reshape(-1)
             keep = int(density * flat.size)
             thr = np.sort(flat)[::-1][keep - 1] if keep > 0 else np.inf
             out[k] = np.where(np.abs(t) >= thr, t, 0.0)
@@ -75,18 +77,30 @@ def dots_reference(base, models, weights, densities, rescale):
     return {k: torch.from_numpy(v).float() for k, v in result.items()}
 
 
-@pytest.mark.parametrize("rescale", ["global", "tensor"])
-def test_dots_matches_paper_equations(tiny_family, tmp_path, rescale):
+@pytest.mark.parametrize("rescale,sparsify", [("global", "tensor"), ("tensor", "tensor"), ("global", "global"),
+                                              ("tensor", "global")])
+def test_dots_matches_paper_equations(tiny_family, tmp_path, rescale, sparsify):
     base, sft, rl = _states(tiny_family, "base", "sft", "rl")
     recipe = {
         "merge_method": "dots", "base_model": tiny_family["base"], "dtype": "float32",
         "models": [{"model": tiny_family["sft"], "parameters": {"weight": 0.79}},
                    {"model": tiny_family["rl"], "parameters": {"weight": 1.82, "density": 0.5}}],
-        "parameters": {"density": 0.3, "rescale": rescale},
+        "parameters": {"density": 0.3, "rescale": rescale, "sparsify": sparsify},
     }
-    merged = _merge(tmp_path, f"dots-{rescale}", recipe)
-    expected = dots_reference(base, [sft, rl], [0.79, 1.82], [0.3, 0.5], rescale)
+    merged = _merge(tmp_path, f"dots-{rescale}-{sparsify}", recipe)
+    expected = dots_reference(base, [sft, rl], [0.79, 1.82], [0.3, 0.5], rescale, sparsify)
     _assert_states_close(merged, expected, atol=2e-5, rtol=1e-5)
+    if sparsify == "global":  # the same merge through mergekit's in-memory entry point, bit for bit
+        from mergekit.merge_methods.api import merge_state_dicts
+
+        in_memory = merge_state_dicts(
+            {"base": base, "sft": sft, "rl": rl}, "dots", base="base",
+            parameters={"weight": {"sft": 0.79, "rl": 1.82}, "density": {"sft": 0.3, "rl": 0.5},
+                        "rescale": rescale, "sparsify": sparsify})
+        _assert_states_close(in_memory, merged, atol=0, rtol=0)
+        # and the per-tensor rule really differs: some tensor keeps more or fewer than 30%
+        per_tensor = dots_reference(base, [sft, rl], [0.79, 1.82], [0.3, 0.5], rescale)
+        assert any(not torch.allclose(per_tensor[k], expected[k]) for k in expected)
 
 
 def sar_reference(base, models, fishers, drop_rate=0.0, epsilon=1e-5):
@@ -145,6 +159,8 @@ def test_sar_dropout_touches_only_low_private_half_at_the_rate(tiny_family, tmp_
     dropped = _merge(tmp_path, "sar-p", {**common, "parameters": {"drop_rate": p, "scale": 2.0, "seed": 5}})
     again = _merge(tmp_path, "sar-p-again", {**common, "parameters": {"drop_rate": p, "scale": 2.0, "seed": 5}})
     _assert_states_close(dropped, again, atol=0, rtol=0)
+    unscaled = _merge(tmp_path, "sar-p-unscaled",
+                      {**common, "parameters": {"drop_rate": p, "scale": 2.0, "seed": 5, "rescale": False}})
     low_total = zeroed = 0
     for k in base:
         if base[k].numel() < 1000:
@@ -157,6 +173,9 @@ def test_sar_dropout_touches_only_low_private_half_at_the_rate(tiny_family, tmp_
         r = resolved[low]
         is_zero = d.abs() < 1e-7
         torch.testing.assert_close(d[~is_zero], r[~is_zero] / (1 - p), atol=1e-5, rtol=1e-4)
+        u = (unscaled[k] - base[k])[low] / 2.0  # rescale: false (paper 001 Table 5): survivors as they were
+        torch.testing.assert_close(u[~is_zero], r[~is_zero], atol=1e-5, rtol=1e-4)
+        assert bool((u[is_zero].abs() < 1e-7).all())
         low_total += int(low.sum())
         zeroed += int(is_zero.sum())
     assert low_total > 10_000

@@ -100,8 +100,26 @@ def test_sar_private_region_and_low_half():
     private = private_region([a, b], 1e-5)
     assert private.tolist() == [False, False, True, True, True, True, True]
     resolved = a + b
-    # private magnitudes 0.3, 0.2, 0.1, 0.4, 0.3 -> median 0.3; strictly below: 0.2, 0.1
+    # private magnitudes 0.3, 0.2, 0.1, 0.4, 0.3 -> the floor(5/2) = 2 smallest: 0.1, 0.2
     assert low_private(resolved, private).tolist() == [False, False, False, True, True, False, False]
+
+
+def test_sar_low_half_is_exactly_half_by_rank_with_ties():
+    # ties at the median: the floor(n/2) smallest, ties by flat position
+    resolved = torch.tensor([[0.3, 0.3, 0.3], [0.3, 0.1, 0.3]])
+    private = torch.ones(2, 3, dtype=torch.bool)
+    assert low_private(resolved, private).tolist() == [[True, True, False], [False, True, False]]
+    # brute force on deltas of 1-3 ulps (few distinct magnitudes, as bf16 updates)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        mags = torch.randint(1, 4, (7, 9), generator=g).float() * 2.0 ** -20
+        signs = torch.where(torch.rand(7, 9, generator=g) < 0.5, -1.0, 1.0)
+        private = torch.rand(7, 9, generator=g) < 0.7
+        flat, where = (mags * signs).reshape(-1), private.reshape(-1).nonzero().squeeze(1).tolist()
+        expected = sorted(where, key=lambda i: (abs(float(flat[i])), i))[: len(where) // 2]
+        got = low_private(mags * signs, private).reshape(-1).nonzero().squeeze(1).tolist()
+        assert got == sorted(expected)
+    assert not low_private(resolved, torch.zeros(2, 3, dtype=torch.bool)).any()
 
 
 def test_sar_dropout_rate_scale_and_reproducibility():
@@ -119,6 +137,9 @@ def test_sar_dropout_rate_scale_and_reproducibility():
     dropped = out[low] == 0
     assert abs(float(dropped.float().mean()) - p) < 0.01
     torch.testing.assert_close(out[low][~dropped], plain[low][~dropped] / (1 - p))
+    unscaled = sar_vector(base, [a, b], [None, None], drop_rate=p, seed=3, name="w", rescale=False)
+    assert torch.equal(unscaled == 0, out == 0)  # the same entries dropped; survivors not divided
+    assert torch.equal(unscaled[low][~dropped], plain[low][~dropped])
     other = sar_vector(base, [a, b], [None, None], drop_rate=p, seed=3, name="other")
     assert not torch.equal(out, other)  # the seed is per tensor
     for bad in (-0.1, 1.0, float("nan")):
@@ -169,3 +190,28 @@ def test_masked_and_sparse_layouts_combine_bit_for_bit():
     for c in (0.0, 0.79, -1.3):
         a, b = combine(base, [masked], [c]), combine(base, [sparse], [c])
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_global_sparsify_threshold_is_the_exact_kth_over_all_tensors(dtype):
+    from mergekit_rlvr.methods.dots_global import dots_global_stats
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"t{i}": torch.zeros(shape, dtype=dtype) for i, shape in enumerate([(40, 30), (7,), (300, 5), (1,)])}
+    # few distinct magnitudes (ties), both signs, and one model with a wide range
+    models = [{k: (torch.randint(-3, 4, v.shape, generator=g) * 2.0 ** -12).to(dtype) for k, v in base.items()},
+              {k: (torch.randn(v.shape, generator=g) * 10 ** torch.randint(-6, 2, v.shape, generator=g)).to(dtype)
+               for k, v in base.items()}]
+    triples = [(k, base[k], [m[k] for m in models]) for k in base]
+    for densities in ([0.3, 0.3], [0.05, 0.999], [1.0, 1e-6]):
+        stats = dots_global_stats(triples, densities)
+        for i, (model, density) in enumerate(zip(models, densities)):
+            flat = torch.cat([model[k].reshape(-1) for k in base]).double()
+            k = int(density * flat.numel())
+            expected = math.inf if k == 0 else float(flat.abs().sort(descending=True).values[k - 1])
+            expected = -math.inf if k >= flat.numel() else expected  # keep all, as per tensor
+            assert stats.global_thresholds[i] == expected
+            kept = flat[flat.abs() >= expected]
+            assert stats.full_sq[i] == pytest.approx(float((flat ** 2).sum()), rel=1e-12)
+            assert stats.kept_sq[i] == pytest.approx(float((kept ** 2).sum()), rel=1e-12)
+            assert all(stats.threshold(i, name) == expected for name in base)

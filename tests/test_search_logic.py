@@ -11,9 +11,9 @@ import pytest
 
 from mergekit_rlvr.errors import UserError
 from mergekit_rlvr.search.answers import extract_answer, group_answers, last_boxed, majority_vote
-from mergekit_rlvr.search.queries import difficulty, load_queries, select_by_difficulty
+from mergekit_rlvr.search.queries import difficulty, load_queries, select_by_difficulty, select_queries
 from mergekit_rlvr.search.reasoning import binary_search, grid_points, grid_search, trace_is_empty
-from mergekit_rlvr.search.selection import knee, largest_alpha, max_consistency, pareto_front, select_dots
+from mergekit_rlvr.search.selection import excluded, knee, largest_alpha, max_consistency, pareto_front, select_dots
 from mergekit_rlvr.search.settings import load_settings
 
 
@@ -42,11 +42,33 @@ def test_equivalent_spellings_vote_together():
     assert group_answers(["2", "3", "4"]) == [("2", 1), ("3", 1), ("4", 1)]
 
 
-def test_unparseable_majority_scores_zero():
-    assert majority_vote([None, None, None, "3", "4"]).consistency == 0.0
-    assert majority_vote([None, "3", None, "3"]).consistency == 0.0  # tie: the first cluster (None) wins
-    assert majority_vote([]).consistency == 0.0
+def test_consistency_is_eq4_unparseable_samples_form_no_class():
+    # max over answers y of (samples equal to y) / m, m counting the unparseable ones
+    assert majority_vote([None, None, "5", "5"]).consistency == 0.5
+    assert majority_vote(["5", "5", None, None]).consistency == 0.5
+    assert majority_vote([None, None, None, "5", "5"]).consistency == pytest.approx(0.4)
+    assert majority_vote([None, None, None, "3", "4"]).consistency == pytest.approx(0.2)
+    assert majority_vote([None, None]).consistency == 0.0 and majority_vote([]).consistency == 0.0
     assert majority_vote(["3", None, None, "3", "3.0"]).consistency == pytest.approx(0.6)
+    # brute force: every order of a multiset gives the same value and the same answer
+    import itertools
+
+    for sample in (["7", "8", None, "8", "7", None], ["1/2", "0.5", "2", "2", None]):
+        votes = {(v.answer is not None and v.answer in ("7", "1/2", "0.5"), v.votes)
+                 for v in (majority_vote(list(p)) for p in itertools.permutations(sample))}
+        assert len(votes) == 1
+    assert majority_vote(["8", "7"]).answer == majority_vote(["7", "8"]).answer == "7"
+
+
+def test_unparseable_majority_scores_zero_with_the_authors_rule():
+    assert majority_vote([None, None, None, "3", "4"], "authors").consistency == 0.0
+    assert majority_vote([None, "3", None, "3"], "authors").consistency == 0.0  # tie: the first cluster (None)
+    assert majority_vote(["3", None, "3", None], "authors").consistency == 0.5
+    assert majority_vote([], "authors").consistency == 0.0
+    assert majority_vote(["3", None, None, "3", "3.0"], "authors").consistency == pytest.approx(0.6)
+    assert load_settings({"consistency": "authors"}).consistency == "authors"
+    with pytest.raises(UserError, match="search.consistency"):
+        load_settings({"consistency": "max"})
 
 
 def test_text_answers_vote_by_normalized_text():
@@ -80,6 +102,19 @@ def test_knee_by_hand():
     assert selected["number"] == 4
     distances = {r["number"]: math.hypot((0.9 - r["consistency"]) / 0.6, (r["perplexity"] - 9) / 11) for r in front}
     assert min(distances, key=distances.get) == 4
+
+
+def test_non_finite_trials_are_never_selected():
+    # a degenerate trial (c = 1, perplexity inf) is on the raw front and, with it, the
+    # perplexity range is infinite: the knee would take it; it is excluded instead
+    table = TABLE + rows(*[(0.0, 0.0)] * 7, (1.0, math.inf), (0.95, math.nan))[7:]
+    assert excluded(table) == 2
+    for how in ("knee", "max_consistency"):
+        selected, front = select_dots(table, how)
+        assert selected["number"] == select_dots(TABLE, how)[0]["number"]
+        assert [r["number"] for r in front] == [0, 2, 4, 5]
+    with pytest.raises(ValueError, match="finite"):
+        select_dots(rows((1.0, math.inf)), "knee")
 
 
 def test_knee_with_constant_perplexity_is_max_consistency():
@@ -164,6 +199,31 @@ def test_difficulty_and_stratified_selection_by_hand():
     assert len(select_by_difficulty(scores, n=100, threshold=0.8)) == 8  # small halves: take all
 
 
+def test_selection_strategies_of_tables_7_and_8():
+    scores = [0.0, 0.9, 0.2, 0.4, 0.85, 0.1, 0.6, 0.3, 0.5, 0.7]  # kept: 8; low = 0.0 0.1 0.2 0.3
+    low, medium, hard = {0, 5, 2, 7}, {3, 8, 6, 9}, {1, 4}
+    pick = lambda strategy, **kw: select_queries(scores, 4, 0.8, 0, strategy=strategy, **kw)  # noqa: E731
+    assert {s.index for s in pick("easy")} == low and {s.index for s in pick("medium")} == medium
+    assert pick("stratified") == select_by_difficulty(scores, 4, 0.8, 0)
+    quarter = pick("stratified", easy_fraction=0.25)  # Table 7's 25:75
+    assert sum(s.split == "low" for s in quarter) == 1 and sum(s.split == "medium" for s in quarter) == 3
+    assert [s.split for s in pick("stratified", easy_fraction=1.0)] == [s.split for s in pick("easy")]
+    # random: the whole pool, difficulty unused; all 10 when n is larger
+    assert {s.index for s in select_queries(scores, 20, 0.8, 0, strategy="random")} == set(range(10))
+    every = select_queries(scores, 10, 0.8, 0, strategy="random")
+    assert {s.index for s in every if s.split == "hard"} == hard
+    # diverse: equal numbers per data source, then what is left
+    groups = ["a", "a", "a", "a", "a", "a", "b", "b", "c", "c"]
+    chosen = select_queries(scores, 6, 0.8, 0, strategy="diverse", groups=groups)
+    assert sorted(groups[s.index] for s in chosen) == ["a", "a", "b", "b", "c", "c"]
+    chosen = select_queries(scores, 8, 0.8, 0, strategy="diverse", groups=groups)
+    assert sorted(groups[s.index] for s in chosen) == ["a"] * 4 + ["b", "b", "c", "c"]
+    # the default threshold 1 - 1/m is compared with slack: D = 0.8 at m = 5 is kept
+    assert [s.index for s in select_queries([1 - (0.2 + 0.2) / 2], 1, 1 - 1 / 5)] == [0]
+    with pytest.raises(UserError, match="--strategy"):
+        pick("uniform")
+
+
 def test_load_queries_jsonl_parquet_and_errors(tmp_path):
     jsonl = tmp_path / "q.jsonl"
     jsonl.write_text(json.dumps({"prompt": "1+1?", "answer": 2}) + "\n\n" + json.dumps({"prompt": "2+2?"}) + "\n")
@@ -212,3 +272,31 @@ def test_settings_defaults_block_and_flags():
 def test_settings_errors_name_the_setting(block, message):
     with pytest.raises(UserError, match=message):
         load_settings(block)
+
+
+def test_verl_layout_answers_and_messages_rendered_as_given(tmp_path, tiny_family):
+    """The DoTS data's verl layout: prompt = chat messages with a system turn, the answer
+    under reward_model.ground_truth; prompt_format: messages renders them as given."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from mergekit_rlvr.search.objectives import query_prompts
+
+    messages = [{"role": "system", "content": "You are a careful solver."},
+                {"role": "user", "content": "What is 6*7?"}]
+    path = tmp_path / "verl.parquet"
+    pq.write_table(pa.table({"data_source": ["math"], "prompt": [messages],
+                             "reward_model": [{"ground_truth": "42", "style": "rule"}]}), path)
+    (query,) = load_queries(str(path))
+    assert (query.prompt, query.answer, query.messages) == ("What is 6*7?", "42", messages)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_family["base"])
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    as_given = load_settings({"prompt_format": "messages"})
+    assert query_prompts(tokenizer, [query], as_given) == [expected]
+    assert "You are a careful solver." in expected and "boxed" not in expected
+    default = query_prompts(tokenizer, [query], load_settings({}))[0]
+    assert "You are a careful solver." not in default and "What is 6*7?" in default and "boxed" in default
+    # perplexity prompts stay the question alone in both formats
+    assert query_prompts(tokenizer, [query], as_given, instruction="") == \
+        query_prompts(tokenizer, [query], load_settings({}), instruction="")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -60,6 +61,7 @@ def test_dots_report_and_selection(tmp_path):
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["selected"]["trial"] == expected["number"] and on_disk["pareto_front"]
     assert on_disk["settings"]["sampler"] == "random" and on_disk["timings"]["search_s"] > 0
+    assert on_disk["excluded_non_finite"] == 0
 
     # queries carry answer 1/2, and the fake's majority is 1/2 in some spelling (the
     # other samples are all different): accuracy, reported only, is 1 in every trial
@@ -303,3 +305,44 @@ def test_select_queries_refuses_single_coefficient_recipes(tmp_path):
         run_select_queries(recipe, write_queries(tmp_path / "q.jsonl", 2), str(tmp_path / "sel.jsonl"),
                            open_engine=fake_opener(names=("alpha",)))
     assert not (tmp_path / "sel.jsonl").exists()
+
+
+def test_select_queries_scores_source_models_with_threshold_one_minus_one_over_m(tmp_path):
+    from mergekit_rlvr.search.runner import run_select_queries
+
+    recipe = write_fake_recipe(tmp_path / "r.yml", extra={})
+    seen = []
+
+    def opener(recipe, kwargs):
+        seen.append(recipe)
+        return FakeEngine()
+
+    out = tmp_path / "sel.jsonl"
+    result = run_select_queries(recipe, write_queries(tmp_path / "q.jsonl", 6), str(out), n=4, samples=4,
+                                open_engine=opener)
+    assert result["threshold"] == 0.75 and result["sources"] == "models"  # 1 - 1/m at m = 4
+    assert seen[0]["parameters"] == {"density": 1.0, "rescale": "none"}
+    run_select_queries(recipe, str(tmp_path / "q.jsonl"), str(out), n=4, samples=5, sources="sparsified",
+                       open_engine=opener)
+    assert "parameters" not in seen[1]  # the recipe as written
+    assert run_select_queries(recipe, str(tmp_path / "q.jsonl"), str(out), n=4, threshold=0.3,
+                              open_engine=opener)["threshold"] == 0.3
+
+
+class _Degenerate(FakeEngine):
+    """Infinite perplexity whenever a > 1 (a broken merge): the best consistency there."""
+
+    def perplexity(self):
+        return math.inf if self.coefficients["a"] > 1.0 else super().perplexity()
+
+
+def test_knee_never_selects_a_trial_with_infinite_perplexity(tmp_path):
+    recipe = write_fake_recipe(tmp_path / "r.yml", extra={"trials": 10, "sampler": "random", "select": "knee"})
+    summary = run_search(recipe, write_queries(tmp_path / "q.jsonl", 2), str(tmp_path / "out"),
+                         open_engine=lambda r, k: _Degenerate(), progress=False)
+    with open(tmp_path / "out" / "trials.csv") as f:
+        table = list(csv.DictReader(f))
+    infinite = [r for r in table if not math.isfinite(float(r["perplexity"]))]
+    assert 0 < len(infinite) < len(table) and summary["excluded_non_finite"] == len(infinite)
+    assert math.isfinite(summary["selected"]["objectives"]["perplexity"])
+    assert all(math.isfinite(p["objectives"]["perplexity"]) for p in summary["pareto_front"])

@@ -14,11 +14,15 @@ import shutil
 import tempfile
 from typing import Dict, List, Optional
 
+from mergekit_rlvr.analysis.breakdown_plots import PLOTS as BREAKDOWN_PLOTS
+from mergekit_rlvr.analysis.breakdown_plots import plot_breakdowns
+
 PLOTS = {
     "layer_norms.png": "layer L2 norm of each task vector",
     "sign_conflict_by_density.png": "sign conflict against the kept share (global top-k)",
     "regions.png": "overlap / conflict / private / unchanged shares per pair",
     "module_shares.png": "share of each module kind in the global top entries",
+    **BREAKDOWN_PLOTS,
 }
 
 
@@ -101,6 +105,15 @@ def findings(report: dict) -> List[str]:
                          f"{factor:.2f}x that of random masks of the same densities ({p['jaccard_random']:.3f})"
                          + ("; the updates share a footprint." if factor > 1.2 else
                             "; the footprints are as unrelated as random ones."))
+    for p in report["pairs"]:
+        by_type = {t: j for t, j in (p.get("jaccard_by_type") or {}).items() if j is not None}
+        if by_type:
+            lo, hi = min(by_type, key=by_type.get), max(by_type, key=by_type.get)
+            cos = p.get("overlap_cosine")
+            lines.append(f"Per matrix type, the changed-mask Jaccard of {_label(p['a'])} and {_label(p['b'])} ranges "
+                         f"from {by_type[lo]:.3f} ({lo}) to {by_type[hi]:.3f} ({hi})"
+                         + (f"; on the entries both changed, the updates have cosine {cos:.3g}." if cos is not None
+                            else "."))
     if report["skipped"]:
         tensors = sorted({s_["tensor"] for s_ in report["skipped"]})
         lines.append(f"{len(tensors)} tensor(s) were skipped (listed with reasons under \"skipped\" in report.json), "
@@ -200,6 +213,7 @@ def plot(report: dict, out_dir: str) -> None:
            title="Module shares of the top entries")
     ax.legend()
     save(fig, "module_shares.png")
+    plot_breakdowns(report, save, plt)
 
 
 def write_report(report: dict, out_dir: str) -> Dict[str, str]:

@@ -93,7 +93,8 @@ def _opposite(a: torch.Tensor, b: torch.Tensor, product: torch.Tensor, epsilon: 
 def pass1_kernel(models: List[torch.Tensor], base: torch.Tensor, epsilon: float, eta: float):
     """Per model: (||Delta||, #updated, #changed, top 16 bits of |Delta|); per pair in
     ``itertools.combinations`` order: (Delta_a . Delta_b, #co-updated, #co-updated
-    with opposite signs, #changed in both, ||min(Delta_a * Delta_b, 0)||)."""
+    with opposite signs, #changed in both, ||min(Delta_a * Delta_b, 0)||, and over
+    the entries changed in both: Delta_a . Delta_b, ||Delta_a||^2, ||Delta_b||^2)."""
     base32, pairs = _deltas(models, base)
     base_abs = base32.abs()
     per_model, deltas, updated, changed = [], [], [], []
@@ -112,12 +113,17 @@ def pass1_kernel(models: List[torch.Tensor], base: torch.Tensor, epsilon: float,
             product = deltas[i] * deltas[j]  # Eq. 9 of paper 002
             both = updated[i] & updated[j]
             conflict = both & _opposite(deltas[i], deltas[j], product, epsilon)
+            changed_both = changed[i] & changed[j]
+            weight = changed_both.to(product.dtype)  # 1 on the overlap of the changed masks, else 0
+            a_ov, b_ov = deltas[i] * weight, deltas[j] * weight
             per_pair.append((
                 product.sum(),
                 torch.count_nonzero(both),
                 torch.count_nonzero(conflict),
-                torch.count_nonzero(changed[i] & changed[j]),
+                torch.count_nonzero(changed_both),
                 torch.linalg.vector_norm(torch.clamp(product, max=0.0)),  # Eq. 10
+                # paper 004 Fig. 3: the two updates on the overlap of the changed masks
+                torch.dot(a_ov, deltas[j]), torch.dot(a_ov, a_ov), torch.dot(b_ov, b_ov),
             ))
     return per_model, per_pair
 
@@ -248,7 +254,7 @@ class PairStats:
     def add(self, name: str, n: int, terms, a, b) -> None:
         """``terms``: this pair's entry of ``pass1_kernel``; ``a``, ``b``: the two
         models' per-model entries."""
-        dot, overlap, conflict, changed_both, conflict_norm = (t.item() for t in terms)
+        dot, overlap, conflict, changed_both, conflict_norm = (t.item() for t in terms[:5])
         d = float(dot)
         self.parameters += n
         self.dot += d

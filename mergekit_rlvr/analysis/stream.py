@@ -29,6 +29,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_rlvr.analysis import breakdown as B
 from mergekit_rlvr.analysis import stats as S
 from mergekit_rlvr.errors import UserError
 
@@ -311,17 +312,21 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
     # pass 1
     vectors = [S.VectorStats() for _ in range(count)]
     pair_stats = {p: S.PairStats() for p in pairs}
+    cells = [B.VectorCells() for _ in range(count)]
+    pair_cells = {p: B.PairCells() for p in pairs}
     with _progress(total, "analyze 1/3", progress) as bar:
         for name, b, ms in prefetch(chunks(todo, base, models, chunk_entries)):
             per_model, per_pair = kernels("pass1", ms, b, epsilon, eta)
             n = b.numel()
-            for v, terms in zip(vectors, per_model):
+            for v, c, terms in zip(vectors, cells, per_model):
                 v.add(name, n, terms)
+                c.add(name, n, terms)
                 if not math.isfinite(v.sumsq):  # a NaN/Inf input makes ||Delta|| non-finite
                     _check_finite(name, [b, *ms], [base_arg, *args])
                     raise UserError(f"tensor {name}: Delta overflows float32")
             for (i, j), terms in zip(pairs, per_pair):
                 pair_stats[(i, j)].add(name, n, terms, per_model[i], per_model[j])
+                pair_cells[(i, j)].add(name, terms)
             bar.update(n)
 
     # pass 2: exact global thresholds for every density and --top
@@ -359,8 +364,13 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
                 conflicts[pair].add(code)
             bar.update(b.numel())
 
-    return assemble(base_arg, args, todo, vectors, pair_stats, thresholds, tops, conflicts,
-                    dict(epsilon=epsilon, eta=eta, top=float(top), densities=list(S.DENSITIES)))
+    report = assemble(base_arg, args, todo, vectors, pair_stats, thresholds, tops, conflicts,
+                      dict(epsilon=epsilon, eta=eta, top=float(top), densities=list(S.DENSITIES)))
+    for arg, c in zip(args, cells):
+        report["vectors"][arg]["layer_sparsity"] = c.layer_sparsity()  # paper 001 Fig. 2
+    for entry, (i, j) in zip(report["pairs"], pairs):  # paper 004 Table 5 and Fig. 3
+        entry.update(B.pair_breakdown(cells[i], cells[j], pair_cells[(i, j)]))
+    return report
 
 
 def _ratio(num: float, den: float) -> Optional[float]:

@@ -60,6 +60,19 @@ def choice(name: str, options: Sequence[str]):
     return Annotated[str, BeforeValidator(validate)]
 
 
+def flag(name: str):
+    """A true/false parameter whose validation names it."""
+    from pydantic import BeforeValidator
+    from typing_extensions import Annotated
+
+    def validate(value):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+
+    return Annotated[bool, BeforeValidator(validate)]
+
+
 def label(model_id: Hashable) -> str:
     return str(model_id)
 
@@ -120,6 +133,18 @@ def iter_groups(groups: Sequence[TensorGroup], input_dtypes) -> Iterator[Triple]
         yield group.metadata.name or "", group.base.tensor, [e.tensor for e in group.non_base]
 
 
+class Passes:
+    """The pre-pass's (name, base, [models]) triples, iterable more than once: each
+    ``iter`` streams (and checks) every tensor again (``sparsify: global`` reads the
+    checkpoints once per 16 bits of its radix select)."""
+
+    def __init__(self, factory: Callable[[], Iterator[Triple]]):
+        self.factory = factory
+
+    def __iter__(self) -> Iterator[Triple]:
+        return iter(self.factory())
+
+
 class PreparedMergeMethod(GroupMergeMethod):
     """A group method whose ``prepare`` runs once over the whole model first.
 
@@ -171,10 +196,11 @@ class PreparedMergeMethod(GroupMergeMethod):
             key = (first.base.id, tuple(ids), dtype, self.context_key(parameters[0]))
             with self._lock:
                 if key not in self._graph_contexts:
-                    triples = stream_checkpoints(first.base.id, ids, dtype, f"{self.spec.name}: checking inputs")
+                    triples = Passes(lambda: stream_checkpoints(first.base.id, ids, dtype,
+                                                                f"{self.spec.name}: checking inputs"))
                     self._graph_contexts[key] = self.prepare(triples, parameters[0])
                 return self._graph_contexts[key]
-        return self.prepare(iter_groups(groups, input_dtypes), parameters[0])
+        return self.prepare(Passes(lambda: iter_groups(groups, input_dtypes)), parameters[0])
 
     def _execute(self, groups, parameters, options, *, input_dtypes, out_dtype=None):
         groups = tuple(groups)

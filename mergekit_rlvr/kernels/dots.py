@@ -18,11 +18,14 @@ from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked, choice, lab
 from mergekit_rlvr.methods.dots import (
     DEFAULT_DENSITY,
     RESCALE_MODES,
+    SPARSIFY_MODES,
     check_density,
     check_rescale,
+    check_sparsify,
     dots_masked_vector,
     dots_stats,
 )
+from mergekit_rlvr.methods.dots_global import dots_global_stats
 
 
 class DotsMerge(PreparedMergeMethod):
@@ -36,6 +39,8 @@ class DotsMerge(PreparedMergeMethod):
             ParameterSpec("density", checked("density", check_density), ParameterScope.NON_BASE,
                           default=DEFAULT_DENSITY),
             ParameterSpec("rescale", choice("rescale", RESCALE_MODES), ParameterScope.SHARED, default="global"),
+            # tensor: top p of each tensor (authors' code); global: one quantile of the whole model (Eq. 2)
+            ParameterSpec("sparsify", choice("sparsify", SPARSIFY_MODES), ParameterScope.SHARED, default="tensor"),
         ),
     )
 
@@ -44,7 +49,8 @@ class DotsMerge(PreparedMergeMethod):
 
     def context_key(self, parameters: Dict[str, Any]):
         density = parameters["density"]
-        return (check_rescale(parameters["rescale"]), tuple(float(density[i]) for i in density))
+        return (check_rescale(parameters["rescale"]), check_sparsify(parameters.get("sparsify", "tensor")),
+                tuple(float(density[i]) for i in density))
 
     def prepare(self, triples, parameters):
         rescale = check_rescale(parameters["rescale"])
@@ -52,13 +58,15 @@ class DotsMerge(PreparedMergeMethod):
         densities = self._densities(ids, parameters["density"])
         for i in ids:
             parameters["weight"][i]  # a missing weight fails before any tensor is read
+        if check_sparsify(parameters.get("sparsify", "tensor")) == "global":
+            return dots_global_stats(triples, densities)
         if rescale != "global":
             for _ in triples:  # still check every input before writing anything
                 pass
             return None
         return dots_stats(triples, densities)
 
-    def vectors(self, group: TensorGroup, context, *, weight, density, rescale):
+    def vectors(self, group: TensorGroup, context, *, weight, density, rescale, sparsify="tensor"):
         base = group.base.tensor
         name = group.metadata.name or ""
         vectors, coefficients = [], []
@@ -67,7 +75,7 @@ class DotsMerge(PreparedMergeMethod):
             gamma = threshold = None
             if context is not None:
                 gamma = context.gamma(index, rescale)
-                threshold = context.thresholds[index].get(name)
+                threshold = context.threshold(index, name)
             vectors.append(dots_masked_vector(base, entry.tensor, d, rescale, gamma=gamma, threshold=threshold))
             coefficients.append(weight[entry.id])
         return vectors, coefficients

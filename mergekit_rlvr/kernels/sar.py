@@ -16,7 +16,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_rlvr.io.fisher import fisher_store
-from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked, label
+from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked, flag, label
 from mergekit_rlvr.methods.sar import (
     DEFAULT_DROP_RATE,
     DEFAULT_EPSILON,
@@ -42,6 +42,8 @@ class SarMerge(PreparedMergeMethod):
             ParameterSpec("seed", checked("seed", kind=int), ParameterScope.SHARED, default=0),
             ParameterSpec("epsilon", checked("epsilon", check_epsilon), ParameterScope.SHARED,
                           default=DEFAULT_EPSILON),
+            # divide DARE's survivors by 1 - drop_rate (Eq. 15); false: paper 001 Table 5's ablation
+            ParameterSpec("rescale", flag("rescale"), ParameterScope.SHARED, default=True),
         ),
     )
 
@@ -66,7 +68,7 @@ class SarMerge(PreparedMergeMethod):
                     store.get(name, base.shape)  # names and shapes match the model
         return stores
 
-    def vectors(self, group: TensorGroup, stores, *, fisher, drop_rate, scale, seed, epsilon):
+    def vectors(self, group: TensorGroup, stores, *, fisher, drop_rate, scale, seed, epsilon, rescale=True):
         base = group.base.tensor
         name = group.metadata.name or ""
         entries = group.non_base
@@ -82,6 +84,7 @@ class SarMerge(PreparedMergeMethod):
             epsilon=check_epsilon(epsilon),
             seed=seed,
             name=name,
+            rescale=bool(rescale),
         )
         return [vector], [scale]
 

@@ -15,6 +15,9 @@ import torch
 from mergekit_rlvr.methods.common import MaskedVector, MergeInputError, SparseVector, task_vector
 
 RESCALE_MODES = ("global", "tensor", "none")
+#: ``tensor``: the top p of each tensor (the authors' code and the paper's results);
+#: ``global``: one quantile of the whole task vector, Eq. 2 as the paper writes it
+SPARSIFY_MODES = ("tensor", "global")
 DEFAULT_DENSITY = 0.3
 #: epsilon of Eq. 3, gamma = ||tau|| / (||sparse tau|| + eps)
 GAMMA_EPS = 1e-8
@@ -25,6 +28,12 @@ def check_density(density: float, what: str = "density") -> float:
     if not (0.0 < density <= 1.0) or math.isnan(density):
         raise MergeInputError(f"{what} must be in (0, 1], got {density}")
     return density
+
+
+def check_sparsify(sparsify: str) -> str:
+    if sparsify not in SPARSIFY_MODES:
+        raise MergeInputError(f"sparsify must be one of {', '.join(SPARSIFY_MODES)}, got {sparsify!r}")
+    return sparsify
 
 
 def check_rescale(rescale: str) -> str:
@@ -107,17 +116,24 @@ def gamma_from_norms(full_sq: float, kept_sq: float) -> float:
 @dataclass
 class DotsStats:
     """What the streaming pre-pass learns: per model, the thresholds of every
-    tensor and the global norms that give gamma_i (Eq. 3 over the whole model)."""
+    tensor (or one threshold for the whole model, ``sparsify: global``) and the
+    global norms that give gamma_i (Eq. 3 over the whole model)."""
 
     thresholds: List[Dict[str, float]]
     full_sq: List[float]
     kept_sq: List[float]
+    global_thresholds: Optional[List[float]] = None
 
     def gamma(self, index: int, rescale: str) -> Optional[float]:
         """The model's global gamma, or None when gamma is per tensor or 1."""
         if rescale != "global":
             return None
         return gamma_from_norms(self.full_sq[index], self.kept_sq[index])
+
+    def threshold(self, index: int, name: str) -> Optional[float]:
+        if self.global_thresholds is not None:
+            return self.global_thresholds[index]
+        return self.thresholds[index].get(name)
 
 
 def dots_stats(

@@ -69,13 +69,18 @@ def private_region(deltas: Sequence[torch.Tensor], epsilon: float) -> torch.Tens
 
 
 def low_private(resolved: torch.Tensor, private: torch.Tensor) -> torch.Tensor:
-    """Private entries whose |resolved delta| is below the tensor's median over its
-    private entries (the lower median when the count is even)."""
-    mags = resolved.abs()[private]
-    if mags.numel() == 0:
-        return torch.zeros_like(private)
-    median = torch.kthvalue(mags, (mags.numel() + 1) // 2).values
-    return private & (resolved.abs() < median)
+    """The lower-magnitude half of the private region by rank: the floor(n/2) private
+    entries of smallest |resolved delta|, ties broken by flat (row-major) position
+    (a stable sort), so exactly half the private entries are dropout candidates
+    however many magnitudes tie (bf16 deltas take few distinct values)."""
+    where = private.reshape(-1).nonzero().squeeze(1)
+    half = where.numel() // 2
+    low = torch.zeros(private.numel(), dtype=torch.bool, device=private.device)
+    if half:
+        mags = resolved.detach().reshape(-1).abs()[where]
+        order = torch.sort(mags, stable=True).indices
+        low[where[order[:half]]] = True
+    return low.reshape(private.shape)
 
 
 def dare_low_private(
@@ -83,15 +88,18 @@ def dare_low_private(
     private: torch.Tensor,
     drop_rate: float,
     generator: torch.Generator,
+    rescale: bool = True,
 ) -> torch.Tensor:
     """Eq. 15 on the low half of the private region; everything else untouched.
-    Survivors are divided by (1 - drop_rate)."""
+    Survivors are divided by (1 - drop_rate) unless ``rescale`` is off (paper 001,
+    Table 5's ablation without rescaling)."""
     if drop_rate == 0.0:
         return resolved
     low = low_private(resolved, private)
     keep = torch.rand(resolved.shape, generator=generator, device="cpu") >= drop_rate
     keep = keep.to(resolved.device)
-    dropped = torch.where(keep, resolved / (1.0 - drop_rate), torch.zeros_like(resolved))
+    survivors = resolved / (1.0 - drop_rate) if rescale else resolved
+    dropped = torch.where(keep, survivors, torch.zeros_like(resolved))
     return torch.where(low, dropped, resolved)
 
 
@@ -104,6 +112,7 @@ def sar_vector(
     epsilon: float = DEFAULT_EPSILON,
     seed: int = 0,
     name: Optional[str] = None,
+    rescale: bool = True,
 ) -> torch.Tensor:
     """delta_final (Eq. 15) for one tensor; theta = base + scale * delta_final."""
     deltas = [task_vector(m, base) for m in models]
@@ -114,4 +123,4 @@ def sar_vector(
     resolved = resolve_conflicts(deltas, sensitivities)
     private = private_region(deltas, epsilon)
     generator = torch.Generator(device="cpu").manual_seed(tensor_seed(seed, name))
-    return dare_low_private(resolved, private, drop_rate, generator)
+    return dare_low_private(resolved, private, drop_rate, generator, rescale)

@@ -107,9 +107,17 @@ def equivalent(a: str, b: str) -> bool:
         return False
 
 
+#: ``eq4``: paper 000 Eq. 4, max over answers y of the share of the m samples equal to y
+#: (unparseable samples count in m but never form a class; ties cannot depend on sample
+#: order); ``authors``: the authors' code, where unparseable samples form one class and
+#: a query whose (first-seen) largest class is that one scores 0
+RULES = ("eq4", "authors")
+
+
 @dataclass(frozen=True)
 class Vote:
-    """Majority answer (None: unparseable), its votes and the number of samples."""
+    """Majority answer (None: none, or the unparseable class), its votes and the
+    number of samples m."""
 
     answer: Optional[str]
     votes: int
@@ -117,39 +125,50 @@ class Vote:
 
     @property
     def consistency(self) -> float:
-        """Eq. 4; a query whose majority answer is unparseable scores 0 (authors' code)."""
+        """Eq. 4's C(x) = votes / m; 0 when the majority is unparseable (``authors``)."""
         if self.answer is None or self.samples == 0:
             return 0.0
         return self.votes / self.samples
 
 
-def group_answers(answers: Sequence[Optional[str]]) -> List[Tuple[Optional[str], int]]:
-    """Clusters of equivalent answers as (representative, count), largest first;
-    ties keep the order in which the clusters first appeared. Missing answers form
-    one cluster with representative None."""
-    clusters: List[List] = []  # [representative, count, first index]
+def group_answers(answers: Sequence[Optional[str]], rule: str = "eq4") -> List[Tuple[Optional[str], int]]:
+    """Clusters of equivalent answers as (representative, count), largest first.
+
+    ``eq4``: missing answers form no cluster; ties between clusters go to the one
+    whose smallest normalized member sorts first (not to sample order).
+    ``authors``: missing answers form one cluster (representative None); ties keep
+    the order in which the clusters first appeared."""
+    if rule not in RULES:
+        raise ValueError(f"consistency rule must be one of {', '.join(RULES)}, got {rule!r}")
+    clusters: List[List] = []  # [representative, count, first index, members]
     for index, answer in enumerate(answers):
+        if answer is None and rule == "eq4":
+            continue
         for cluster in clusters:
             same = cluster[0] is None if answer is None else (
                 cluster[0] is not None and equivalent(cluster[0], answer))
             if same:
                 cluster[1] += 1
+                cluster[3].append(answer)
                 break
         else:
-            clusters.append([answer, 1, index])
-    clusters.sort(key=lambda c: (-c[1], c[2]))
+            clusters.append([answer, 1, index, [answer]])
+    if rule == "eq4":
+        clusters.sort(key=lambda c: (-c[1], min((normalize_text(a), a) for a in c[3])))
+    else:
+        clusters.sort(key=lambda c: (-c[1], c[2]))
     return [(c[0], c[1]) for c in clusters]
 
 
-def majority_vote(answers: Sequence[Optional[str]]) -> Vote:
-    """Eq. 4's argmax over equivalence classes of answers."""
-    groups = group_answers(answers)
+def majority_vote(answers: Sequence[Optional[str]], rule: str = "eq4") -> Vote:
+    """Eq. 4's argmax over equivalence classes of answers, out of all len(answers) samples."""
+    groups = group_answers(answers, rule)
     if not groups:
-        return Vote(None, 0, 0)
+        return Vote(None, 0, len(answers))
     answer, votes = groups[0]
     return Vote(answer, votes, len(answers))
 
 
-def consistency(responses: Sequence[str]) -> float:
+def consistency(responses: Sequence[str], rule: str = "eq4") -> float:
     """C(x) of Eq. 4 from raw responses."""
-    return majority_vote([extract_answer(r) for r in responses]).consistency
+    return majority_vote([extract_answer(r) for r in responses], rule).consistency

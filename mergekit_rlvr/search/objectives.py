@@ -124,7 +124,7 @@ def measure_dots(
         start = time.perf_counter()
         for index, output in zip(range(lo, hi), outputs):
             texts = [c.text for c in output.outputs]
-            vote = majority_vote([extract_answer(t) for t in texts])
+            vote = majority_vote([extract_answer(t) for t in texts], settings.consistency)
             per_query.append(vote.consistency)
             if references is not None and references[index] is not None:
                 correct.append(vote.answer is not None and equivalent(vote.answer, references[index]))
@@ -147,10 +147,30 @@ def query_consistencies(engine, prompts: Sequence[str], settings: SearchSettings
     start = time.perf_counter()
     outputs = engine.generate(list(prompts), params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    return [majority_vote([extract_answer(c.text) for c in o.outputs]).consistency for o in outputs], seconds
+    return [majority_vote([extract_answer(c.text) for c in o.outputs], settings.consistency).consistency
+            for o in outputs], seconds
+
+
+def render_messages(tokenizer, query: Query) -> str:
+    """``prompt_format: messages``: the row's chat messages as given (system turn
+    included, no instruction added), through the tokenizer's chat template."""
+    from mergekit_rlvr.errors import UserError
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("search.prompt_format: messages needs a tokenizer with a chat template")
+    messages = query.messages or [{"role": "user", "content": query.prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def query_prompts(tokenizer, queries: Sequence[Query], settings: SearchSettings, instruction: Optional[str] = None):
+    """The generation prompt of every query: ``build_prompt`` on its question (the
+    user turn plus the instruction), or with ``prompt_format: messages`` its chat
+    messages as given. Perplexity prompts (``instruction=""``) are always the question."""
+    if settings.prompt_format == "messages" and instruction is None:
+        return [render_messages(tokenizer, q) for q in queries]
+    return [build_prompt(tokenizer, q.prompt, settings, instruction) for q in queries]
 
 
 def dots_prompts(tokenizer, queries: Sequence[Query], settings: SearchSettings):
     """(generation prompts with the instruction, perplexity prompts without it), as the authors' code."""
-    return ([build_prompt(tokenizer, q.prompt, settings) for q in queries],
-            [build_prompt(tokenizer, q.prompt, settings, instruction="") for q in queries])
+    return query_prompts(tokenizer, queries, settings), query_prompts(tokenizer, queries, settings, instruction="")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from mergekit_rlvr.search import report as rpt
-from mergekit_rlvr.search.selection import largest_alpha, select_dots
+from mergekit_rlvr.search.selection import excluded, largest_alpha, select_dots
 from mergekit_rlvr.search.settings import SearchSettings
 from mergekit_rlvr.search.storage import public_url
 
@@ -26,7 +26,8 @@ def summarize(rows, settings: SearchSettings, searched, names, fixed, objectives
                                "storage": public_url(url), "study_name": study_name,
                                "finished_trials": len(rows), "complete_trials": len(complete)}
     if settings.objective == "dots":
-        if complete:
+        summary["excluded_non_finite"] = excluded(complete)  # never selected, never on the front
+        if complete and summary["excluded_non_finite"] < len(complete):
             selected, front = select_dots(complete, settings.select)
             summary["selected"] = {**entry(selected), "rule": settings.select}
             summary["pareto_front"] = [entry(r) for r in front]

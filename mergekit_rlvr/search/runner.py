@@ -16,8 +16,8 @@ from mergekit_rlvr.errors import UserError
 from mergekit_rlvr.search import report as rpt
 from mergekit_rlvr.search.engine import close_engine
 from mergekit_rlvr.search.engine import open_engine as open_hotswap
-from mergekit_rlvr.search.queries import difficulty, load_queries, select_by_difficulty
-from mergekit_rlvr.search.selection import largest_alpha, select_dots
+from mergekit_rlvr.search.queries import load_queries
+from mergekit_rlvr.search.selection import is_finite, largest_alpha, select_dots
 from mergekit_rlvr.search.settings import SearchSettings, load_settings
 from mergekit_rlvr.search.results import report_files, summarize
 
@@ -199,6 +199,8 @@ def _describer(settings, searched, fixed, objectives) -> Callable[[Any], str]:
 
     def describe(study) -> str:
         rows = [r for r in st.trial_rows(study, searched, fixed, objectives) if r["state"] == "COMPLETE"]
+        if settings.objective == "dots":
+            rows = [r for r in rows if is_finite(r)]
         if not rows:
             return ""
         if settings.objective == "dots":
@@ -210,62 +212,5 @@ def _describer(settings, searched, fixed, objectives) -> Callable[[Any], str]:
     return describe
 
 
-def run_select_queries(
-    recipe_path: str,
-    pool_path: str,
-    out_path: str,
-    n: int = 64,
-    samples: int = 5,
-    threshold: float = 0.8,
-    seed: int = 0,
-    overrides: Optional[Mapping[str, Any]] = None,
-    open_engine: Optional[Callable[[Any, Mapping[str, Any]], Any]] = None,
-) -> Dict[str, Any]:
-    """Alg. 1 stage 1 on one engine: each source model alone (its coefficient 1, the
-    others 0) answers every pool query ``samples`` times; D(x) = 1 - mean C(x); keep
-    D <= threshold, split at the median, sample n/2 from each half. Writes JSONL rows
-    (the input row plus ``difficulty``, ``consistency`` per source, ``split``)."""
-    from mergekit_rlvr.decompose import load_recipe
-    from mergekit_rlvr.search.objectives import build_prompt, query_consistencies
-
-    if n < 1:
-        raise UserError(f"-n must be at least 1, got {n}")
-    if not 0.0 <= threshold <= 1.0:
-        raise UserError(f"--threshold must be in [0, 1], got {threshold}")
-    recipe = load_recipe(recipe_path)
-    if recipe.get("merge_method") not in ("dots", "task_arithmetic"):
-        raise UserError(f"recipe {recipe_path}: select-queries needs one coefficient per source model"
-                        f" (dots or task_arithmetic), not merge_method {recipe.get('merge_method')!r}")
-    settings = load_settings(recipe.get("search"), {**(overrides or {}), "samples": samples, "seed": seed,
-                                                    "objective": "dots"}, "dots")
-    pool = load_queries(pool_path)
-    recipe_arg: Any = recipe_path
-    if (recipe.get("search") or {}).get("groups") is not None:
-        # each source alone: one coefficient per model is all this needs
-        recipe["search"] = {k: v for k, v in recipe["search"].items() if k != "groups"}
-        recipe_arg = recipe
-    names = list(recipe_coefficients(recipe))
-    engine = (open_engine or (lambda r, k: open_hotswap(r, k)[0]))(recipe_arg, dict(settings.engine))
-    try:
-        tokenizer = engine.get_tokenizer()
-        prompts = [build_prompt(tokenizer, q.prompt, settings) for q in pool]
-        per_source: Dict[str, List[float]] = {}
-        from tqdm import tqdm
-
-        for name in tqdm(names, desc="select-queries", unit="model"):
-            engine.set_coefficients({n_: (1.0 if n_ == name else 0.0) for n_ in names})
-            per_source[name], _ = query_consistencies(engine, prompts, settings)
-    finally:
-        if open_engine is None:
-            close_engine(engine)
-    scores = [difficulty([per_source[name][i] for name in names]) for i in range(len(pool))]
-    chosen = select_by_difficulty(scores, n, threshold, seed)
-    lines = []
-    for pick in chosen:
-        row = dict(pool[pick.index].row)
-        row.update({"difficulty": pick.difficulty, "split": pick.split, "pool_index": pick.index,
-                    "consistency": {name: per_source[name][pick.index] for name in names}})
-        lines.append(json.dumps(row, ensure_ascii=False))
-    rpt.write_atomic(out_path, ("\n".join(lines) + ("\n" if lines else "")).encode())
-    return {"pool": len(pool), "kept": sum(1 for d in scores if d <= threshold), "selected": len(chosen),
-            "out": out_path}
+# select-queries lives in mergekit_rlvr.search.select; kept importable from here
+from mergekit_rlvr.search.select import run_select_queries  # noqa: E402,F401

@@ -24,9 +24,21 @@ def dominates(a: Row, b: Row) -> bool:
     return ge and gt
 
 
+def is_finite(row: Row) -> bool:
+    """Both objectives are finite numbers (an infinite perplexity, e.g. a degenerate
+    merge, would switch the knee's perplexity term off and win)."""
+    return math.isfinite(row["consistency"]) and math.isfinite(row["perplexity"])
+
+
+def excluded(rows: Sequence[Row]) -> int:
+    """How many rows no selection will pick (a non-finite objective)."""
+    return sum(1 for r in rows if not is_finite(r))
+
+
 def pareto_front(rows: Sequence[Row]) -> List[Row]:
-    """Rows no other row dominates (duplicates of a front point all stay), by trial number."""
-    finite = [r for r in rows if not (math.isnan(r["consistency"]) or math.isnan(r["perplexity"]))]
+    """Rows with finite objectives that no other such row dominates (duplicates of a
+    front point all stay), by trial number."""
+    finite = [r for r in rows if is_finite(r)]
     front = [r for r in finite if not any(dominates(o, r) for o in finite)]
     return sorted(front, key=lambda r: r["number"])
 
@@ -50,10 +62,10 @@ def knee(front: Sequence[Row]) -> Row:
 
 
 def select_dots(rows: Sequence[Row], how: str = "max_consistency") -> (Row, List[Row]):
-    """(selected row, Pareto front)."""
+    """(selected row, Pareto front); trials with a non-finite objective are never selected."""
     front = pareto_front(rows)
     if not front:
-        raise ValueError("no finished trial to select from")
+        raise ValueError("no finished trial with finite objectives to select from")
     return (knee(front) if how == "knee" else max_consistency(front)), front
 
 

@@ -3,7 +3,8 @@
 Defaults follow the papers (DoTS: TPE on [0, 2], 5 samples, temperature 0.6, 8192
 tokens, the front's highest consistency; reasoning interpolation: rho_min 0.9, binary
 search of at most 8 steps on [0, 1], short-prefix detection). The DoTS authors' code
-choices are options: ``sampler: nsga2``, ``bounds: [0.5, 2.0]``, ``samples: 7``.
+choices are options: ``sampler: nsga2``, ``bounds: [0.5, 2.0]``, ``samples: 7``,
+``consistency: authors``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ OBJECTIVES = ("dots", "reasoning_rate")
 SAMPLERS = ("tpe", "nsga2", "random")
 PERPLEXITY = ("prompt", "response")
 SELECT = ("max_consistency", "knee")
+CONSISTENCY = ("eq4", "authors")  # mergekit_rlvr.search.answers.RULES
+PROMPT_FORMATS = ("question", "messages")
 STRATEGIES = ("binary", "grid")
 DETECT = ("prefix", "logit", "full")
 
@@ -37,6 +40,9 @@ class SearchSettings:
     max_tokens: int = 8192
     perplexity: str = "prompt"
     select: str = "max_consistency"
+    # Eq. 4 (unparseable samples count in m, never form a class) or the authors' code
+    # (an unparseable majority scores 0)
+    consistency: str = "eq4"
     seed: int = 0
     # sample query i with seed + i in every trial (common random numbers across trials);
     # off by default: vLLM CPU 0.32 fails on seeded requests whose prefill is chunked
@@ -45,6 +51,10 @@ class SearchSettings:
     # (question + instruction); anything else is a format string with {prompt}
     template: str = "chat"
     instruction: str = DEFAULT_INSTRUCTION
+    # "question": the prompt's user turn + instruction, as above; "messages": a query
+    # file's chat messages (the verl layout, system turn included) as given, through
+    # the tokenizer's chat template (no instruction added)
+    prompt_format: str = "question"
     # coefficients to search (default: all of HotSwapLLM.coefficients); others stay fixed
     coefficients: Optional[List[str]] = None
     # one coefficient per module group (mergekit_rlvr.groups): true, [attention, mlp, ...] or {name: [filters]}
@@ -133,7 +143,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 def _check(s: SearchSettings) -> SearchSettings:
     for key, allowed in (
         ("objective", OBJECTIVES), ("sampler", SAMPLERS), ("perplexity", PERPLEXITY),
-        ("select", SELECT), ("strategy", STRATEGIES), ("detect", DETECT),
+        ("select", SELECT), ("consistency", CONSISTENCY), ("prompt_format", PROMPT_FORMATS),
+        ("strategy", STRATEGIES), ("detect", DETECT),
     ):
         if getattr(s, key) not in allowed:
             _fail(key, f"{getattr(s, key)!r} is not one of {', '.join(allowed)}")
