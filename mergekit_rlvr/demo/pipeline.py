@@ -188,7 +188,8 @@ def run_demo(out: Path, family_dir: Path, trials: int, n_queries: int, samples: 
                                   "--samples", samples, "--seed", seed), "select-queries", IN_PROCESS_ENGINE)
     kept = sum(1 for line in open(queries) if line.strip())
     if kept < n_queries // 2:
-        print(f"  only {kept} queries passed the difficulty threshold 0.8; selecting again without it")
+        print(f"  only {kept} queries passed the difficulty threshold 1 - 1/{samples} = {1 - 1 / samples:.3f}; "
+              "selecting again without it")
         timings["select_s"] += run(cli("select-queries", recipe, "--pool", pool, "--out", queries, "-n", n_queries,
                                        "--samples", samples, "--seed", seed, "--threshold", "1.0"), "select-queries",
                                    IN_PROCESS_ENGINE)
