@@ -7,6 +7,7 @@ covers the whole study."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import signal
@@ -59,14 +60,21 @@ def _tail(proc) -> str:
     return open(proc.log).read()[-3000:]
 
 
+@functools.lru_cache(maxsize=None)
+def _storage(url):
+    """One storage per URL for the polls: a new RDBStorage per poll would open a new
+    connection pool each time and exhaust the server's connections."""
+    from mergekit_rlvr.search.storage import open_storage
+
+    return open_storage(url)
+
+
 def _trials(url):
     """The study's trials as stored (None before a worker created it)."""
     import optuna
 
-    from mergekit_rlvr.search.storage import open_storage
-
     try:
-        return optuna.load_study(study_name="shared", storage=open_storage(url)).get_trials()
+        return optuna.load_study(study_name="shared", storage=_storage(url)).get_trials()
     except KeyError:
         return None
 
