@@ -62,9 +62,11 @@ def test_a_small_ram_fraction_on_cpu_is_refused_before_the_engine(tiny_family):
     assert line.startswith("search.engine.gpu_memory_utilization 0.05: on CPU vLLM gives its KV cache 0.05 x "
                            "10.00 GiB")
     assert "set search.engine.kv_cache_memory_bytes instead" in line and "\n" not in line
-    # a fraction that leaves room is the user's choice and is passed through
+    # a fraction that leaves room becomes the bytes it stands for: 0.5 x 10 GiB minus the
+    # engine's own 768 MiB and weights, whole MiB (vLLM is never left to size from RAM)
+    weights = sum(f.stat().st_size for f in Path(tiny_family["base"]).glob("*.safetensors"))
     assert memory.plan_cpu({"gpu_memory_utilization": 0.5}, tiny_family["base"], SMALL_NODE) == \
-        {"gpu_memory_utilization": 0.5}
+        {"kv_cache_memory_bytes": (5 * GiB - 768 * MiB - weights) // MiB * MiB}
 
 
 def test_gpu_fraction_above_the_free_memory_is_refused():
@@ -131,3 +133,5 @@ def test_serve_sizes_the_kv_cache_in_bytes_on_cpu(tiny_family):
     assert kv_cache_args(tiny_family["base"], ["--kv-cache-memory-bytes", str(8 << 20)]) == []
     with pytest.raises(UserError, match=r"^--gpu-memory-utilization 0.0001: on CPU"):
         kv_cache_args(tiny_family["base"], ["--gpu-memory-utilization", "0.0001"])
+    with pytest.raises(UserError, match=r"^--max-model-len 4k: give a number"):
+        kv_cache_args(tiny_family["base"], ["--max-model-len", "4k"])

@@ -13,10 +13,12 @@ Settings that cannot fit fail here, before vLLM starts, with one line that says
 what to set (:class:`mergekit_rlvr.errors.UserError`); ``start_errors`` turns the
 memory errors vLLM raises while it starts into the same kind of line.
 
-Contract: ``size_engine(kwargs, model_dir, ...) -> kwargs`` adds
-``kv_cache_memory_bytes`` on CPU when neither it nor ``gpu_memory_utilization`` is
-set, and raises ``UserError`` for what cannot fit; it never lowers a size the
-caller gave. It reads ``config.json`` and ``/sys/devices/system/node/node0/meminfo``.
+Contract: ``size_engine(kwargs, model_dir, ...) -> kwargs`` always holds
+``kv_cache_memory_bytes`` on CPU: the caller's, checked; else the bytes a
+``gpu_memory_utilization`` the caller gave stands for (that fraction of node 0 minus
+the engine's own memory; the fraction itself is dropped); else the bytes for what
+the engine runs. It raises ``UserError`` for what cannot fit and never lowers a size
+the caller gave. It reads ``config.json`` and ``/sys/devices/system/node/node0/meminfo``.
 """
 
 from __future__ import annotations
@@ -190,7 +192,9 @@ def plan_cpu(kwargs: Mapping[str, Any], model_dir: str, memory: Memory, sequence
                 f"{util} {fraction}: on CPU vLLM gives its KV cache {fraction} x {_gib(memory.total)} "
                 f"({memory.where}) minus the engine's own ~{_gib(rss)} = {_gib(reserved - rss)}, and one "
                 f"{length}-token sequence needs {_gib(one)}; set {kv} instead (e.g. {one * 8})")
-        return dict(kwargs)
+        # the fraction's meaning on CPU, in bytes: vLLM then never sizes from RAM itself
+        rest = {k: v for k, v in kwargs.items() if k != "gpu_memory_utilization"}
+        return {**rest, "kv_cache_memory_bytes": (reserved - rss) // MiB * MiB}
     cap = int(memory.available * AUTO_SHARE) // MiB * MiB
     if one > cap:
         raise UserError(f"one {length}-token sequence needs {_gib(one)} of KV cache, more than a quarter of the "

@@ -81,7 +81,9 @@ def kv_cache_args(model_dir: str, vllm_args: list[str]) -> list[str]:
             kwargs[key] = float(value) if key == "gpu_memory_utilization" else (
                 int(value) if key in ("max_model_len", "max_num_seqs", "kv_cache_memory_bytes") else value)
         except ValueError:
-            return []  # vLLM's own parser reports it (or reads a form such as 1G)
+            if key == "kv_cache_memory_bytes":
+                return []  # sized by the user in a form vLLM reads (such as 1G)
+            raise UserError(f"{option} {value}: give a number, so that serve can size the KV cache") from None
     sized = size_engine(kwargs, model_dir, prefix="--")
     if "kv_cache_memory_bytes" in sized and "kv_cache_memory_bytes" not in kwargs:
         return ["--kv-cache-memory-bytes", str(sized["kv_cache_memory_bytes"])]
