@@ -19,15 +19,20 @@ import math
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
-from mergekit_rlvr.search.objectives import Measurement, build_prompt, sampling_params
+from mergekit_rlvr.search.objectives import Measurement, build_prompt, render_messages, sampling_params
 from mergekit_rlvr.search.queries import Query
 from mergekit_rlvr.search.settings import SearchSettings
 
 
 def reasoning_prompts(tokenizer, queries: Sequence[Query], settings: SearchSettings) -> List[str]:
+    """The question (no instruction), or with ``prompt_format: messages`` the row's chat
+    messages as given, through the template, then ``think_start``."""
     prompts = []
     for query in queries:
-        text = build_prompt(tokenizer, query.prompt, settings, instruction="")
+        if settings.prompt_format == "messages":
+            text = render_messages(tokenizer, query)
+        else:
+            text = build_prompt(tokenizer, query.prompt, settings, instruction="")
         if not text.rstrip().endswith(settings.think_start.strip()):
             text += settings.think_start
         prompts.append(text)
