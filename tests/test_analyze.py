@@ -324,6 +324,55 @@ def test_matches_brute_force_reference(tmp_path, dtype, epsilon):
         assert rl["sparsity"] > 0.6
 
 
+def test_threshold_prediction_only_decides_whether_pass_2_runs(tmp_path, monkeypatch):
+    """The row sample predicts the coarse bins of the global thresholds; the report is
+    the same when it holds (pass 2 skipped), when it is off (pass 2 for every bin) and
+    when it misses on purpose (pass 2 for the missed bins only)."""
+    from mergekit_rlvr.analysis import histograms as H
+    from mergekit_rlvr.analysis import stream
+
+    base, models = random_models(tmp_path, torch.bfloat16)
+    paths = [models["sft"], models["rl"]]
+    passes = []
+    real_stream = stream.Run.stream
+    monkeypatch.setattr(stream.Run, "stream", lambda self, desc: (passes.append(desc), real_stream(self, desc))[1])
+
+    def run(**options):
+        passes.clear()
+        return analyze(base, paths, progress=False, chunk_entries=64, **options), list(passes)
+
+    predicted, predicted_passes = run()
+    assert predicted_passes == ["analyze 1/3", "analyze 3/3"]
+    unpredicted, unpredicted_passes = run(predict=False)
+    assert unpredicted_passes == ["analyze 1/3", "analyze 2/3", "analyze 3/3"]
+    real_predict = H.predict_bins
+    monkeypatch.setattr(H, "predict_bins", lambda *a: real_predict(*a)[::2])  # every other bin missed
+    missed, missed_passes = run()
+    assert missed_passes == unpredicted_passes
+    monkeypatch.setattr(H, "predict_bins", real_predict)
+    monkeypatch.setattr(stream, "SAMPLE_ALL_UP_TO", 0)  # a 1/64 row sample, as for large models
+    sampled, _ = run()
+    for got in (predicted, missed, sampled):
+        assert_close(got, unpredicted, rel=0)
+
+
+def test_device_option(hand):
+    from mergekit_rlvr.analysis.stream import resolve_device
+    from mergekit_rlvr.errors import UserError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match="--device must be one of cpu, cuda, auto"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda: no CUDA GPU"):
+            resolve_device("cuda")
+    else:  # on a GPU the kernels run there and give the CPU's report
+        _, p = hand
+        on_gpu = analyze(p["base"], [p["a"], p["b"]], top=0.3, progress=False, device="cuda")
+        assert_close(on_gpu, analyze(p["base"], [p["a"], p["b"]], top=0.3, progress=False), rel=1e-5)
+
+
 @pytest.mark.slow
 def test_compiled_kernels_match_eager(tmp_path):
     """torch.compile fuses the same kernel source: counts equal, sums to float32 order."""

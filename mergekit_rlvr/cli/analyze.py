@@ -15,14 +15,17 @@ import click
 @click.option("--top", default=0.1, show_default=True, type=float, help="Kept share for module_top_share (global top-k).")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="Fuse the per-chunk kernels with torch.compile (default: for models of 50M+ parameters).")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]),
+              help="Where the kernels run: cpu, cuda (a GPU; an error if none) or auto (cuda when present).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
-def analyze(base, models, out, epsilon, eta, top, compile_, progress):
+def analyze(base, models, out, epsilon, eta, top, compile_, device, progress):
     """Task vectors of MODEL... against --base: norms, sparsity, sign conflicts, regions,
     Jaccard overlaps and module shares, streamed with bounded memory (three passes)."""
     from mergekit_rlvr.analysis.report import findings, write_report
     from mergekit_rlvr.analysis.stream import analyze as run
 
-    report = run(base, list(models), epsilon=epsilon, eta=eta, top=top, progress=progress, compile=compile_)
+    report = run(base, list(models), epsilon=epsilon, eta=eta, top=top, progress=progress, compile=compile_,
+                 device=device)
     written = write_report(report, out)
     for sentence in findings(report):
         click.echo(sentence)
