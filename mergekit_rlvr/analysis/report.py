@@ -51,6 +51,15 @@ def _times(ratio: float) -> str:
 
 def findings(report: dict) -> List[str]:
     """Sentences a user can act on, one finding each."""
+    lines = _vector_findings(report) + _pair_findings(report)
+    if report["skipped"]:
+        tensors = sorted({s_["tensor"] for s_ in report["skipped"]})
+        lines.append(f"{len(tensors)} tensor(s) were skipped (listed with reasons under \"skipped\" in report.json), "
+                     f"e.g. {tensors[0]}: {report['skipped'][0]['reason']}.")
+    return lines
+
+
+def _vector_findings(report: dict) -> List[str]:
     lines: List[str] = []
     s = report["settings"]
     top = s["top"]
@@ -76,6 +85,12 @@ def findings(report: dict) -> List[str]:
         if v["sparsity"] > 0.5:
             lines.append(f"Delta_{name} is sparse (RLVR-like): dense merges that average it with other vectors "
                          "dilute it; prefer sar (sparsity-preserving) or keep its coefficient near 1.")
+    return lines
+
+
+def _pair_findings(report: dict) -> List[str]:
+    lines: List[str] = []
+    s = report["settings"]
     for p in report["pairs"]:
         a, b = _label(p["a"]), _label(p["b"])
         ratio = p["norm_ratio"]
@@ -114,10 +129,6 @@ def findings(report: dict) -> List[str]:
                          f"from {by_type[lo]:.3f} ({lo}) to {by_type[hi]:.3f} ({hi})"
                          + (f"; on the entries both changed, the updates have cosine {cos:.3g}." if cos is not None
                             else "."))
-    if report["skipped"]:
-        tensors = sorted({s_["tensor"] for s_ in report["skipped"]})
-        lines.append(f"{len(tensors)} tensor(s) were skipped (listed with reasons under \"skipped\" in report.json), "
-                     f"e.g. {tensors[0]}: {report['skipped'][0]['reason']}.")
     return lines
 
 

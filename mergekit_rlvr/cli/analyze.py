@@ -20,7 +20,8 @@ import click
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 def analyze(base, models, out, epsilon, eta, top, compile_, device, progress):
     """Task vectors of MODEL... against --base: norms, sparsity, sign conflicts, regions,
-    Jaccard overlaps and module shares, streamed with bounded memory (three passes)."""
+    Jaccard overlaps and module shares, streamed with bounded memory (a row sample, then two
+    passes, three if the sample missed a threshold)."""
     from mergekit_rlvr.analysis.report import findings, write_report
     from mergekit_rlvr.analysis.stream import analyze as run
 
