@@ -67,8 +67,13 @@ class Run:
         """(name, base chunk, [model chunks]) on the device, read one chunk ahead."""
         with _progress(self.total, desc, self.progress) as bar:
             for name, b, ms in prefetch(chunks(self.todo, self.base, self.models, self.chunk_entries)):
-                yield name, b.to(self.device), [m.to(self.device) for m in ms]
+                yield name, *self.flat(b, ms)
                 bar.update(b.numel())
+
+    def flat(self, b: torch.Tensor, ms: Sequence[torch.Tensor]):
+        """Chunks as 1-D tensors on the device: one compiled kernel serves every tensor
+        (no recompiling for another rank or for rows == columns)."""
+        return b.reshape(-1).to(self.device), [m.reshape(-1).to(self.device) for m in ms]
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -139,7 +144,7 @@ def _predict(run: Run, densities: Sequence[float]) -> List[List[int]]:
     every = SAMPLE_EVERY if run.total > SAMPLE_ALL_UP_TO else 1
     size = max(1, run.chunk_entries // every)
     for name, b, ms, weight in prefetch(sample(run.todo, run.base, run.models, every, size)):
-        b, ms = b.to(run.device), [m.to(run.device) for m in ms]
+        b, ms = run.flat(b, ms)
         for hist, keys in zip(sampled, sample_kernel(ms, b)):  # eager: 1/64 of the work
             hist += torch.bincount(keys, minlength=H.COARSE_BINS).to(torch.float64) * weight
         entries += b.numel()
