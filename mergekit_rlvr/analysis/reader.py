@@ -23,10 +23,9 @@ import torch
 
 from mergekit_rlvr.errors import UserError
 
-#: entries per chunk: the chunks and the kernels' float32 intermediates (a few 4 MB)
-#: stay in the L3 cache (measured here: 1 Mi entries beat 4 Mi; 256 Ki lose to the
-#: per-chunk histogram updates)
-CHUNK_ENTRIES = 1 << 20
+#: entries per chunk (float32 intermediates of a few times 16 MB; 1 Mi entries measured
+#: no faster in bench/analyze_speed.py, 256 Ki slower: per-chunk histogram updates)
+CHUNK_ENTRIES = 1 << 22
 
 _TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
