@@ -62,9 +62,9 @@ async def rpc_every_replica(engine_client, method: str, args: tuple = ()) -> lis
     """One result per worker of every engine (data-parallel replica, then its ranks).
 
     Under data parallelism vLLM's ``collective_rpc`` reaches every engine but returns
-    engine 0's results only; its core client's ``call_utility_all_async`` (vLLM 0.32,
-    0.33) returns each engine's, so a replica that did not swap cannot go unseen.
-    Without it, ``collective_rpc`` (one engine, or vLLM's own aggregation)."""
+    engine 0's results only; its core client's ``call_utility_all_async`` (vLLM
+    0.32) returns each engine's, so a replica that did not swap cannot go unseen.
+    A vLLM without it gets ``collective_rpc``, which still reaches every engine."""
     call_all = getattr(getattr(engine_client, "engine_core", None), "call_utility_all_async", None)
     if call_all is None:
         return await engine_client.collective_rpc(method, args=args)
