@@ -1,6 +1,6 @@
 """The files a search leaves in its output directory, each written atomically
 (temporary name in the same directory, then rename): trials.csv, summary.json,
-best.yml and PNG plots."""
+best.yml and PNG plots (``mergekit_rlvr.io.atomic.write_atomic``)."""
 
 from __future__ import annotations
 
@@ -9,25 +9,11 @@ import io
 import json
 import math
 import os
-import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from mergekit_rlvr.io.atomic import write_atomic
+
 TIMING_COLUMNS = ("wall_s", "swap_s", "generate_s", "score_s")
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def trials_csv(rows: Sequence[Mapping[str, Any]], coefficients: Sequence[str], objectives: Sequence[str],
