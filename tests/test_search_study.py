@@ -125,7 +125,7 @@ def test_consistency_counts_equivalent_spellings(tmp_path):
     """The fake answers 1/2 as '1/2', '\\frac{1}{2}' and '0.5' in turn: all one vote."""
     engine = FakeEngine()
     engine.set_coefficients({"a": 1.5, "b": 0.5})  # consistency 1
-    from mergekit_rlvr.search.objectives import measure_dots
+    from mergekit_rlvr.search.dots import measure_dots
     from mergekit_rlvr.search.settings import load_settings
 
     m = measure_dots(engine, ["q0", "q1"], ["q0", "q1"], load_settings({"samples": 6}))

@@ -107,7 +107,7 @@ def test_prompt_perplexity_matches_a_reference_forward(engine, tiny_family):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_rlvr.search.objectives import perplexity_of_prompts
+    from mergekit_rlvr.search.dots import perplexity_of_prompts
 
     engine.set_coefficients([0.0] * len(engine.coefficients))
     prompts = QUESTIONS[:3]

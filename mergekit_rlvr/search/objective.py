@@ -11,7 +11,10 @@ and the report ask it instead of branching on the objective's name.
 - ``reasoning_rate`` (paper 003): the largest merge ratio whose reasoning rate stays
   at least ``rho_min``, by grid or binary search (one ask/tell trial per point).
 
-Adding an objective: a subclass here, registered in :data:`OBJECTIVES`.
+The measurements themselves live beside it: ``dots`` (consistency, perplexity) and
+``reasoning`` (reasoning rate, the grid and binary strategies), on ``prompts`` and
+``measurement``. Adding an objective: a subclass here, registered in
+:data:`OBJECTIVES`, and its measurement module.
 """
 
 from __future__ import annotations
@@ -87,12 +90,12 @@ class Dots(Objective):
         return finished < settings.trials
 
     def prompts(self, tokenizer, queries, settings):
-        from mergekit_rlvr.search.objectives import dots_prompts
+        from mergekit_rlvr.search.dots import dots_prompts
 
         return dots_prompts(tokenizer, queries, settings)
 
     def measure(self, engine, prompts, settings, references, stop_rule_for=None):
-        from mergekit_rlvr.search.objectives import measure_dots
+        from mergekit_rlvr.search.dots import measure_dots
 
         generation, perplexity = prompts
         return measure_dots(engine, generation, perplexity, settings, stop_rule_for, references)

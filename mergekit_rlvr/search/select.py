@@ -131,7 +131,8 @@ def _score_sources(engine, names: List[str], pool, settings) -> Dict[str, List[f
     """C(x) of every pool query on each source alone (its coefficient 1, the others 0)."""
     from tqdm import tqdm
 
-    from mergekit_rlvr.search.objectives import query_consistencies, query_prompts
+    from mergekit_rlvr.search.dots import query_consistencies
+    from mergekit_rlvr.search.prompts import query_prompts
 
     tokenizer = engine.get_tokenizer()
     prompts = query_prompts(tokenizer, pool, settings)
