@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from vllm_plugins import WORKER_EXTENSION
+from vllm_plugins import WORKER_EXTENSION, rpc
 
 
 class HotSwapLLM:
@@ -20,7 +20,8 @@ class HotSwapLLM:
         self._d = decomposition
         self._values = list(decomposition.coefficients) if values is None else values
         self.version = 0
-        self.load_reports = self._rpc("hotswap_load", spec)
+        self.planned_bytes: Optional[Dict[str, int]] = None  # plan.swap_bytes, computed before the engine started
+        self.load_reports = self._rpc(rpc.LOAD, spec)
         self.llm.reset_prefix_cache()
 
     # -- construction ------------------------------------------------------------
@@ -85,7 +86,7 @@ class HotSwapLLM:
             raise UserError(f"recipe base_model {d.base_path} is not this engine's base {self._d.base_path}")
         d.prepare()
         values = None if coefficients is None else d.check_coefficients(coefficients)
-        reports = self._rpc("hotswap_load", load_spec(data, values, paths=paths, models=d.resolved))
+        reports = self._rpc(rpc.LOAD, load_spec(data, values, paths=paths, models=d.resolved))
         self.llm.reset_prefix_cache()
         self._d = d
         self._values = list(d.coefficients) if values is None else values
@@ -116,7 +117,7 @@ class HotSwapLLM:
         order). Invalid input raises ValueError and leaves the weights as they were.
         Prefix caches are reset. Returns the first worker's timing report."""
         values = self.validate(coefficients)
-        reports = self._rpc("hotswap_set", values)
+        reports = self._rpc(rpc.SET, values)
         self.llm.reset_prefix_cache()
         self._values = values
         self.version += 1
@@ -136,22 +137,22 @@ class HotSwapLLM:
     def generate(self, *args, **kwargs):
         return self.llm.generate(*args, **kwargs)
 
-    def state(self) -> List[Dict[str, Any]]:
-        """Per worker: bytes held, path per parameter, version, coefficients."""
-        return self._rpc("hotswap_state")
+    def state(self) -> List[rpc.StateReply]:
+        """Per worker (tensor-parallel rank): ``bytes`` (every byte the swap holds
+        beyond vLLM's own weights, with ``base_bytes`` and ``vector_bytes``), path per
+        parameter, version, coefficients."""
+        return self._rpc(rpc.STATE)
 
     def read_weights(self, names: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         """Per worker: copies of the live parameters that are plain tensors
         (name -> torch.Tensor)."""
-        from vllm_plugins.worker import decode_tensor
-
-        return [{k: decode_tensor(v) for k, v in r.items()} for r in self._rpc("hotswap_read", names)]
+        return [{k: rpc.decode_tensor(v) for k, v in r.items()} for r in self._rpc(rpc.READ, names)]
 
     def _rpc(self, method: str, *args):
         return self.llm.collective_rpc(method, args=args)
 
     def __getattr__(self, name):  # chat, encode, get_tokenizer, ... of vllm.LLM
-        if name in ("llm", "_d"):
+        if name in ("llm", "_d", "planned_bytes"):
             raise AttributeError(name)
         return getattr(self.llm, name)
 

@@ -5,9 +5,9 @@ Used by :class:`vllm_plugins.hotswap.HotSwapLLM` and by the serving endpoint.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
-PATHS = ("auto", "reload")
+from vllm_plugins.rpc import PATHS, LoadRequest
 
 
 def load_spec(
@@ -16,7 +16,7 @@ def load_spec(
     paths: str = "auto",
     trust_remote_code: bool = False,
     models: Optional[Mapping[str, str]] = None,
-) -> Dict[str, Any]:
+) -> LoadRequest:
     """``recipe``: a path or a dict; model strings become local directories (absolute
     paths, hub ids' snapshots in the Hugging Face cache) so that worker processes read
     the same files whatever their working directory, without the Hub.
