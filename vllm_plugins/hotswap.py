@@ -58,16 +58,22 @@ class HotSwapLLM:
         values = None if coefficients is None else d.check_coefficients(coefficients)
         spec = load_spec(data, values, paths=paths, models=d.resolved,
                          trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
-        from vllm import LLM
-
         from vllm_plugins.memory import size_engine, start_errors
+        from vllm_plugins.plan import swap_bytes
 
         llm_kwargs.setdefault("model", d.base_path)
-        llm_kwargs = size_engine(llm_kwargs, llm_kwargs["model"], sequences, settings_prefix)
+        # what the swap will hold per device, reserved before vLLM sizes its KV cache
+        planned = swap_bytes(d, int(llm_kwargs.get("tensor_parallel_size") or 1), progress=True)
+        llm_kwargs = size_engine(llm_kwargs, llm_kwargs["model"], sequences, settings_prefix,
+                                 swap_bytes=planned["per_rank"])
         llm_kwargs["worker_extension_cls"] = WORKER_EXTENSION
+        from vllm import LLM
+
         with start_errors(settings_prefix):
             llm = LLM(**llm_kwargs)
-        return cls(llm, d, spec, values)
+        out = cls(llm, d, spec, values)
+        out.planned_bytes = planned
+        return out
 
     def load_recipe(self, recipe, *, paths: str = "auto", coefficients=None, groups: Any = None
                     ) -> List[Dict[str, Any]]:
