@@ -178,17 +178,18 @@ def combine_packed(p: Packed, coefficients: Sequence[float]) -> torch.Tensor:
     for vector, coefficient in zip(p.vectors, coefficients):
         if not vector.values.numel():
             continue
-        select = None if vector.bits is None else unpack_bits(vector.bits, p.count)
+        # positions within the touched entries (index ops: several times faster than boolean indexing on CPU)
+        index = None if vector.bits is None else unpack_bits(vector.bits, p.count).nonzero().squeeze(1)
         values = vector.values.to(work)
         if vector.recompute:
-            values = values - (base if select is None else base[select])
+            values = values - (base if index is None else base.index_select(0, index))
             if vector.scale is not None:
                 values = values * vector.scale
         values = values * float(coefficient)
-        if select is None:
+        if index is None:
             acc += values
-        else:
-            acc[select] += values
+        else:  # one add per (distinct) position: acc + values, as combine does
+            acc.index_add_(0, index, values)
     return acc.to(p.dtype)
 
 
@@ -200,7 +201,7 @@ def scatter(p: Packed, merged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if mask is None:
         flat.copy_(merged)
     else:
-        flat[mask] = merged.to(flat.dtype)
+        flat.masked_scatter_(mask, merged.to(flat.dtype))
     return out
 
 
