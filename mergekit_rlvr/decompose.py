@@ -42,16 +42,8 @@ from mergekit_rlvr.recipes import (  # noqa: F401  (this module's historical pub
 def decompose(recipe: RecipeLike, *, trust_remote_code: bool = False) -> Decomposition:
     """Parse and plan ``recipe`` (a path or a dict) with mergekit. Reads only
     configs and tensor indexes; vectors are computed on demand."""
-    import pydantic
-    import torch  # noqa: F401  (mergekit needs it anyway)
     from mergekit import merge_methods
-    from mergekit.architecture import get_architecture_info
     from mergekit.common import dtype_from_name
-    from mergekit.config import MergeConfiguration
-    from mergekit.io.tasks import LoaderCache
-    from mergekit.merge import _model_out_config
-    from mergekit.options import MergeOptions
-    from mergekit.plan import MergePlanner
 
     from mergekit_rlvr.hub import resolve_recipe
 
@@ -61,32 +53,8 @@ def decompose(recipe: RecipeLike, *, trust_remote_code: bool = False) -> Decompo
     _check_method(method)
     # hub ids -> snapshot directories (mergekit reads those; names stay as written)
     local, aliases = resolve_recipe(data, where=where)
-    try:
-        config = MergeConfiguration.model_validate(local)
-    except (pydantic.ValidationError, RuntimeError, ValueError) as error:
-        first = str(error).splitlines()
-        raise UserError(f"{where}: mergekit cannot parse it: {' '.join(first[:3])}") from None
-    if not config.models:
-        raise UserError(f"{where}: hot-swap needs a 'models:' list (not slices or modules)")
-    if config.base_model is None:
-        raise UserError(f"{where}: {method} needs a base_model")
-    for ref in [config.base_model] + [m.model for m in config.models]:
-        if ref.lora is not None:
-            raise UserError(f"{where}: model {ref} has a LoRA; merge it first (hot-swap reads plain checkpoints)")
-
-    options = MergeOptions(trust_remote_code=trust_remote_code, quiet=True)
-    LoaderCache().setup(options)
-    try:
-        arch_info = get_architecture_info(config, options)
-        cfg_out = _model_out_config(config, arch_info, trust_remote_code=trust_remote_code)
-        planner = MergePlanner(config.model_copy(deep=True), arch_info, options=options, out_model_config=cfg_out)
-        planner._plan()  # what plan_to_disk / plan_in_memory plan, without the writer tasks
-        planned = list(planner._tensors)
-    except UserError:
-        raise
-    except (RuntimeError, ValueError, KeyError, OSError) as error:
-        raise UserError(f"{where}: mergekit cannot plan it: {str(error).splitlines()[0]}") from None
-
+    config = _config(local, where, method)
+    planned = _planned(config, where, trust_remote_code)
     base = config.base_model
     models = [m.model for m in config.models if m.model != base]
     names = coefficient_names_of(data)
@@ -113,6 +81,49 @@ def decompose(recipe: RecipeLike, *, trust_remote_code: bool = False) -> Decompo
         coefficients=coefficients,
         tasks=tasks,
     )
+
+
+def _config(local, where: str, method: str):
+    """mergekit's MergeConfiguration of the recipe, checked for what hot-swap reads."""
+    import pydantic
+    from mergekit.config import MergeConfiguration
+
+    try:
+        config = MergeConfiguration.model_validate(local)
+    except (pydantic.ValidationError, RuntimeError, ValueError) as error:
+        first = str(error).splitlines()
+        raise UserError(f"{where}: mergekit cannot parse it: {' '.join(first[:3])}") from None
+    if not config.models:
+        raise UserError(f"{where}: hot-swap needs a 'models:' list (not slices or modules)")
+    if config.base_model is None:
+        raise UserError(f"{where}: {method} needs a base_model")
+    for ref in [config.base_model] + [m.model for m in config.models]:
+        if ref.lora is not None:
+            raise UserError(f"{where}: model {ref} has a LoRA; merge it first (hot-swap reads plain checkpoints)")
+    return config
+
+
+def _planned(config, where: str, trust_remote_code: bool) -> list:
+    """(WeightInfo, task) pairs as mergekit's planner plans them."""
+    import torch  # noqa: F401  (mergekit needs it anyway)
+    from mergekit.architecture import get_architecture_info
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge import _model_out_config
+    from mergekit.options import MergeOptions
+    from mergekit.plan import MergePlanner
+
+    options = MergeOptions(trust_remote_code=trust_remote_code, quiet=True)
+    LoaderCache().setup(options)
+    try:
+        arch_info = get_architecture_info(config, options)
+        cfg_out = _model_out_config(config, arch_info, trust_remote_code=trust_remote_code)
+        planner = MergePlanner(config.model_copy(deep=True), arch_info, options=options, out_model_config=cfg_out)
+        planner._plan()  # what plan_to_disk / plan_in_memory plan, without the writer tasks
+        return list(planner._tensors)
+    except UserError:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        raise UserError(f"{where}: mergekit cannot plan it: {str(error).splitlines()[0]}") from None
 
 
 def _assign_slots(tasks: List[TensorTask], method: str, models, names: List[str], data) -> Tuple[List[str], List[float]]:
