@@ -8,7 +8,6 @@ model strings as written vs. the local directories they resolve to. See
 from __future__ import annotations
 
 import copy
-import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -131,16 +130,9 @@ def normalize_coefficients(names: Sequence[str], coefficients) -> List[float]:
             raise UserError(
                 f"expected {len(names)} coefficients ({', '.join(names)}), got {len(raw)}"
             )
-    values = []
-    for name, value in zip(names, raw):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"coefficient {name!r} is not a number: {value!r}") from None
-        if not math.isfinite(number):
-            raise UserError(f"coefficient {name!r} is {number} (must be finite)")
-        values.append(number)
-    return values
+    from vllm_plugins.rpc import check_values  # the one validator (no vLLM import)
+
+    return check_values(None, names, raw)
 
 
 def _model_string(model: Any) -> str:
