@@ -70,6 +70,26 @@ class Decomposition:
                 pass
         self._prepared = True
 
+    def prepared_state(self) -> Optional[bytes]:
+        """The pre-pass's small result (dots' per-tensor thresholds and norms; nothing
+        for reasoning_interp and task_arithmetic, whose pre-pass only checks inputs),
+        so that other processes (vLLM's workers) skip reading every checkpoint again;
+        None for sar (its Fisher stores are files each process opens itself)."""
+        import pickle
+
+        self.prepare()
+        if self.method == "sar":
+            return None
+        return pickle.dumps(self._context)
+
+    def adopt(self, state: bytes) -> None:
+        """Take ``prepared_state()`` of the same recipe, computed elsewhere (trusted:
+        the driver of this engine), instead of running the pre-pass."""
+        import pickle
+
+        self._context = pickle.loads(state)
+        self._prepared = True
+
     def tensor(self, task: TensorTask) -> Tuple[Any, List[Any]]:
         """(base, vectors) of one tensor: base in the merge dtype, vectors as
         ``combine`` takes them, one per coefficient."""

@@ -322,3 +322,18 @@ def test_one_coefficient_validator_refuses_float32_overflow(tiny_family):
         check_values("reasoning_interp", ["alpha"], [1.5])
     with pytest.raises(UserError, match="expected 2 coefficients"):
         check_values("dots", ["a", "b"], [1.0])
+
+
+def test_workers_take_the_drivers_prepass(tiny_family):
+    """Decomposition.prepared_state: what the driver's pre-pass learned (dots'
+    thresholds and norms) is adopted by another decomposition of the same recipe
+    (a vLLM worker) without reading every checkpoint again: same merge, bit for bit."""
+    recipe = recipes(tiny_family)["dots"]
+    driver = decompose(recipe)
+    state = driver.prepared_state()
+    worker = decompose(recipe)
+    worker.adopt(state)
+    assert worker._prepared and worker._context.thresholds == driver._context.thresholds
+    for task in driver.tasks[:3]:
+        assert torch.equal(packed_merge(worker, task).view(torch.int32), driver.merged(task).view(torch.int32))
+    assert decompose(recipes(tiny_family)["sar"]).prepared_state() is None  # Fisher stores: each process opens them

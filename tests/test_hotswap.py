@@ -259,6 +259,14 @@ def test_dots_vectors_stored_compactly(engine, setup):
     assert state["bytes"] == state["vector_bytes"] + state["base_bytes"]
     assert state["vector_bytes"] <= 0.5 * state["vector_dense_bytes"]
     assert state["bytes"] <= 1.3 * state["weight_bytes"]
+    assert not state["offload"]
+    weights, outputs = engine.read_weights()[0], run(engine)
+    # host offload (streamed to the device per swap; on the CPU backend host is the device)
+    engine.load_recipe(str(setup["dots"][0]), offload=True)
+    assert engine.state()[0]["offload"] and engine.state()[0]["bytes"] == state["bytes"]
+    assert_same_weights(engine.read_weights()[0], weights)
+    assert run(engine) == outputs
+    engine.load_recipe(str(setup["dots"][0]), offload=False)
 
 
 def test_no_drift_after_100_random_swaps(engine, setup):
@@ -331,3 +339,48 @@ def test_relative_model_paths_keep_their_names_in_the_workers(engine, setup, mon
     engine.load_recipe(recipe)
     names = engine.state()[0]["names"]
     assert names == list(engine.coefficients) and names[0] == "sft@attention" and names[3] == "sft"
+
+
+def test_tensor_parallel_2_equals_a_fresh_tp2_engine(setup, monkeypatch):
+    """tensor_parallel_size=2 on vLLM CPU: after set_coefficients, dots and sar give
+    the outputs, prompt logprobs and readable weights of a fresh TP=2 engine on the
+    mergekit-yaml output (sar's through vLLM's own reload_weights from its directory:
+    one engine start per side); each rank reports the bytes it holds, about half."""
+    from vllm import LLM
+
+    from vllm_plugins import HotSwapLLM, WORKER_EXTENSION, rpc
+    from vllm_plugins.hotswap import shutdown
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    tp = dict(ENGINE, tensor_parallel_size=2)
+    ours = {}
+    llm = HotSwapLLM.from_recipe(str(setup["dots"][0]), coefficients=DETOUR["dots"], **tp)
+    try:
+        for method in ("dots", "sar"):
+            if method == "sar":
+                llm.load_recipe(str(setup["sar"][0]), coefficients=DETOUR["sar"])
+            run(llm)
+            target = yaml.safe_load(setup[method][0].read_text())
+            llm.set_coefficients({name: _recipe_value(target, method, name) for name in llm.coefficients})
+            states = llm.state()
+            assert [s["rank"] for s in states] == [0, 1]
+            if method == "dots":
+                single = llm.planned_bytes["total"]  # what one rank would hold
+                assert all(0 < s["bytes"] < 0.7 * single for s in states), [s["bytes"] for s in states]
+                assert all(s["reload_rank_restricted"] > 0 for s in states)
+            ours[method] = (run(llm), llm.read_weights())
+    finally:
+        llm.close()
+    fresh = LLM(model=str(setup["dots"][1]), worker_extension_cls=WORKER_EXTENSION, **tp)
+    try:
+        for method in ("dots", "sar"):
+            if method == "sar":
+                fresh.collective_rpc("reload_weights", kwargs={"weights_path": str(setup["sar"][1])})
+                fresh.reset_prefix_cache()
+            assert run(fresh) == ours[method][0], method
+            theirs = [{k: rpc.decode_tensor(v) for k, v in r.items()}
+                      for r in fresh.collective_rpc(rpc.READ, args=(None,))]
+            for mine, other in zip(ours[method][1], theirs):
+                assert_same_weights(mine, other)
+    finally:
+        shutdown(fresh)

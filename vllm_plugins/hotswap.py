@@ -20,6 +20,7 @@ class HotSwapLLM:
         self._d = decomposition
         self._values = list(decomposition.coefficients) if values is None else values
         self.version = 0
+        self._spec = spec
         self.planned_bytes: Optional[Dict[str, int]] = None  # plan.swap_bytes, computed before the engine started
         self.load_reports = self._rpc(rpc.LOAD, spec)
         self.llm.reset_prefix_cache()
@@ -31,6 +32,7 @@ class HotSwapLLM:
         recipe,
         *,
         paths: str = "auto",
+        offload: bool = False,
         coefficients: Optional[Union[Dict[str, float], Sequence[float]]] = None,
         groups: Any = None,
         sequences: Optional[int] = None,
@@ -41,7 +43,9 @@ class HotSwapLLM:
         vectors on every worker. ``recipe``: a YAML path or a dict. Invalid recipes
         (unsupported method, checkpoints that do not match the base) raise a
         ValueError (``mergekit_rlvr.errors.UserError``) before the engine starts.
-        ``groups``: one coefficient per module group (see :mod:`mergekit_rlvr.groups`;
+        ``offload``: keep the swap's base and vectors in pinned host memory and stream
+        them to the device at each swap (for vectors that do not fit beside the weights;
+        nothing is reserved on the device for them). ``groups``: one coefficient per module group (see :mod:`mergekit_rlvr.groups`;
         default: the recipe's ``search.groups``). Models may be local directories or
         Hugging Face ids (``org/name[@revision]``, see :mod:`mergekit_rlvr.hub`): the
         engine starts on the base's snapshot directory. The KV cache is sized in bytes
@@ -56,16 +60,17 @@ class HotSwapLLM:
         d = decompose(data, trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
         d.prepare()  # checks every checkpoint against the base before the engine starts
         values = None if coefficients is None else d.check_coefficients(coefficients)
-        spec = load_spec(data, values, paths=paths, models=d.resolved,
+        spec = load_spec(data, values, paths=paths, models=d.resolved, offload=offload, prepared=d.prepared_state(),
                          trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
-        from vllm_plugins.memory import size_engine, start_errors
+        from vllm_plugins.memory import _on_cpu, size_engine, start_errors
         from vllm_plugins.plan import swap_bytes
 
         llm_kwargs.setdefault("model", d.base_path)
         # what the swap will hold per device, reserved before vLLM sizes its KV cache
         planned = swap_bytes(d, int(llm_kwargs.get("tensor_parallel_size") or 1), progress=True)
-        llm_kwargs = size_engine(llm_kwargs, llm_kwargs["model"], sequences, settings_prefix,
-                                 swap_bytes=planned["per_rank"])
+        # (offloaded to host memory on a GPU, they take none of the device's)
+        reserve = planned["per_rank"] if not offload or _on_cpu() else 0
+        llm_kwargs = size_engine(llm_kwargs, llm_kwargs["model"], sequences, settings_prefix, swap_bytes=reserve)
         llm_kwargs["worker_extension_cls"] = WORKER_EXTENSION
         from vllm import LLM
 
@@ -75,10 +80,11 @@ class HotSwapLLM:
         out.planned_bytes = planned
         return out
 
-    def load_recipe(self, recipe, *, paths: str = "auto", coefficients=None, groups: Any = None
-                    ) -> List[Dict[str, Any]]:
+    def load_recipe(self, recipe, *, paths: str = "auto", coefficients=None, groups: Any = None,
+                    offload: Optional[bool] = None) -> List[Dict[str, Any]]:
         """Switch this engine to another recipe on the same base model (its vectors
-        replace the current ones; its coefficients, or ``coefficients``, are applied)."""
+        replace the current ones; its coefficients, or ``coefficients``, are applied).
+        ``offload``: as in :meth:`from_recipe` (default: as the engine was started)."""
         import os
 
         from mergekit_rlvr.decompose import decompose
@@ -92,7 +98,11 @@ class HotSwapLLM:
             raise UserError(f"recipe base_model {d.base_path} is not this engine's base {self._d.base_path}")
         d.prepare()
         values = None if coefficients is None else d.check_coefficients(coefficients)
-        reports = self._rpc(rpc.LOAD, load_spec(data, values, paths=paths, models=d.resolved))
+        offload = bool(self._spec.get("offload", False) if offload is None else offload)
+        spec = load_spec(data, values, paths=paths, models=d.resolved, offload=offload,
+                         prepared=d.prepared_state())
+        reports = self._rpc(rpc.LOAD, spec)
+        self._spec = spec
         self.llm.reset_prefix_cache()
         self._d = d
         self._values = list(d.coefficients) if values is None else values
@@ -158,7 +168,7 @@ class HotSwapLLM:
         return self.llm.collective_rpc(method, args=args)
 
     def __getattr__(self, name):  # chat, encode, get_tokenizer, ... of vllm.LLM
-        if name in ("llm", "_d", "planned_bytes"):
+        if name in ("llm", "_d", "_spec", "planned_bytes"):
             raise AttributeError(name)
         return getattr(self.llm, name)
 

@@ -89,8 +89,8 @@ class PackedVector:
         return _nbytes(self.bits) + _nbytes(self.values)
 
     def to(self, device) -> "PackedVector":
-        bits = None if self.bits is None else self.bits.to(device)
-        return replace(self, bits=bits, values=self.values.to(device))
+        bits = None if self.bits is None else _move(self.bits, device)
+        return replace(self, bits=bits, values=_move(self.values, device))
 
 
 @dataclass
@@ -123,8 +123,17 @@ class Packed:
         return None if self.touched is None else unpack_bits(self.touched, self.numel)
 
     def to(self, device) -> "Packed":
-        touched = None if self.touched is None else self.touched.to(device)
-        return replace(self, touched=touched, base=self.base.to(device), vectors=[v.to(device) for v in self.vectors])
+        """On ``device``; ``"pinned"``: page-locked host memory (the offload mode, streamed
+        to the device at each swap; plain host memory where there is no CUDA)."""
+        touched = None if self.touched is None else _move(self.touched, device)
+        return replace(self, touched=touched, base=_move(self.base, device), vectors=[v.to(device) for v in self.vectors])
+
+
+def _move(t: torch.Tensor, device) -> torch.Tensor:
+    if device == "pinned":
+        t = t.cpu()
+        return t.pin_memory() if torch.cuda.is_available() else t
+    return t.to(device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------- packing

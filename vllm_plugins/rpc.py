@@ -26,6 +26,8 @@ class LoadRequest(TypedDict):
     coefficients: Optional[List[float]]  # None: the recipe's own
     paths: str  # "auto" | "reload"
     trust_remote_code: bool
+    offload: bool  # keep base and vectors in pinned host memory, streamed to the device per swap
+    prepared: Optional[bytes]  # Decomposition.prepared_state() of the driver (None: each worker prepares)
 
 
 class SetReply(TypedDict):
@@ -59,6 +61,7 @@ class StateReply(TypedDict, total=False):
     reload_rank_restricted: int
     load_seconds: float
     rank: int
+    offload: bool
     set: SetReply  # hotswap_load's reply only: the first swap
 
 

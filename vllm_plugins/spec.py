@@ -16,6 +16,8 @@ def load_spec(
     paths: str = "auto",
     trust_remote_code: bool = False,
     models: Optional[Mapping[str, str]] = None,
+    offload: bool = False,
+    prepared: Optional[bytes] = None,
 ) -> LoadRequest:
     """``recipe``: a path or a dict; model strings become local directories (absolute
     paths, hub ids' snapshots in the Hugging Face cache) so that worker processes read
@@ -37,4 +39,7 @@ def load_spec(
         "coefficients": None if coefficients is None else [float(c) for c in coefficients],
         "paths": paths,
         "trust_remote_code": bool(trust_remote_code),
+        "offload": bool(offload),
+        # the driver's pre-pass (Decomposition.prepared_state): workers do not read every checkpoint again
+        "prepared": prepared,
     }

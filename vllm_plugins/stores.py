@@ -40,8 +40,11 @@ class InPlace:
         return self.store.nbytes
 
     def swap(self, values: List[float]) -> None:
-        merged = packed.combine_packed(self.store, [values[i] for i in self.slots])
-        packed.scatter(self.store, _save(merged, self.save_dtype), self.param.data)
+        store = self.store
+        if store.base.device != self.param.device:  # host offload: streamed to the device for this swap
+            store = store.to(self.param.device)
+        merged = packed.combine_packed(store, [values[i] for i in self.slots])
+        packed.scatter(store, _save(merged, self.save_dtype), self.param.data)
 
 
 @dataclass

@@ -4,10 +4,11 @@ rewrites the weights as ``base + sum_j c_j v_j`` when coefficients change.
 Pass ``worker_extension_cls="vllm_plugins.worker.HotSwapWorkerExtension"`` to
 ``vllm.LLM`` (HotSwapLLM does) and call the RPCs with ``LLM.collective_rpc``:
 
-- ``hotswap_load(spec)``: ``spec = {"recipe": dict (absolute model paths),
-  "coefficients": [..] or None, "paths": "auto" | "reload"}``. Computes the
-  vectors on this worker (mergekit_rlvr.decompose), maps them to this worker's
-  tensor-parallel shard and fused layout, and applies the coefficients.
+- ``hotswap_load(spec)``: ``spec`` an :class:`vllm_plugins.rpc.LoadRequest` (the
+  recipe with absolute model paths, coefficients or None, ``paths`` "auto" |
+  "reload", ``offload``, the driver's pre-pass ``prepared``). Computes the vectors on
+  this worker (mergekit_rlvr.decompose), maps them to this worker's tensor-parallel
+  shard and fused layout, keeps them packed, and applies the coefficients.
 - ``hotswap_set(coefficients)``: list in coefficient-name order.
 - ``hotswap_state()``: method, names, coefficients, version, bytes, paths.
 - ``hotswap_read(names)``: copies of live parameters (plain ones) for checks.
@@ -20,8 +21,8 @@ Two paths, chosen per vLLM module and reported per parameter:
   see :mod:`vllm_plugins.layout`) and the merged value is written into it.
 - ``reload``: vLLM transformed the weights after loading (CPU repacks linear
   layers, quantized layers): the merged checkpoint-format tensors go through
-  vLLM's layerwise reload (``model_loader/reload``), which re-runs the loaders
-  and ``process_weights_after_loading`` and copies into the kernel tensors.
+  vLLM's public ``Worker.reload_weights(weights_iterator=...)``, which re-runs the
+  loaders and ``process_weights_after_loading`` and copies into the kernel tensors.
 
 The RPC contract (names, request and reply types, the coefficient validator) is
 :mod:`vllm_plugins.rpc`; which parameter goes which way is decided by the pure
@@ -65,6 +66,7 @@ class _State:
     layout_error: Optional[str] = None
     layout_stray: int = 0
     combine_seconds: float = 0.0
+    offload: bool = False  # base and vectors in (pinned) host memory, streamed per swap
 
 
 @contextlib.contextmanager
@@ -111,12 +113,15 @@ class HotSwapWorkerExtension:
             # back to the base weights, so the new recipe's base check sees what vLLM loaded
             self.hotswap_set([0.0] * len(self._hotswap.names))
         d = decompose(spec["recipe"], trust_remote_code=bool(spec.get("trust_remote_code", False)))
+        if spec.get("prepared") is not None:
+            d.adopt(spec["prepared"])  # the driver read every checkpoint once already
         d.prepare()
         layout, plan = self._hs_plan(d, spec.get("paths", "auto") == "reload")
         state = _State(method=d.method, names=names_as_written(d.coefficient_names, spec.get("aliases") or {}),
                        coefficients=list(d.coefficients), paths=dict(plan.paths),
                        layout_error=layout.error, layout_stray=layout.stray)
-        state.inplace, state.reload = self._hs_build(d, layout, plan)
+        state.inplace, state.reload = self._hs_build(d, layout, plan, bool(spec.get("offload", False)))
+        state.offload = bool(spec.get("offload", False))
         if self._hotswap is not None:
             state.version = self._hotswap.version
         self._hotswap = state
@@ -151,7 +156,7 @@ class HotSwapWorkerExtension:
                                       tuple(slots[c] for c in pl.checkpoints), _no_derived_weights(module))
         return layout, plan_paths(facts, d.tensor_names, force_reload)
 
-    def _hs_build(self, d, layout, plan):
+    def _hs_build(self, d, layout, plan, offload: bool = False):
         from tqdm import tqdm
 
         from vllm_plugins.stores import Builder
@@ -159,7 +164,7 @@ class HotSwapWorkerExtension:
         model = self._hs_model()
         live = dict(model.named_parameters(remove_duplicate=False))
         device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
-        builder = Builder(plan, layout, live, device)
+        builder = Builder(plan, layout, live, "pinned" if offload else device)
         with torch.no_grad():
             for task in tqdm(d.tasks, desc=f"{d.method}: vectors", leave=False):
                 base, sources = d.sources(task)
@@ -223,7 +228,7 @@ class HotSwapWorkerExtension:
             "paths": dict(state.paths), "layout_error": state.layout_error,
             "layout_stray_copies": state.layout_stray,
             "reload_rank_restricted": sum(e.cover is not None for e in state.reload),
-            "load_seconds": state.load_seconds, "rank": int(getattr(self, "rank", 0)),
+            "load_seconds": state.load_seconds, "rank": int(getattr(self, "rank", 0)), "offload": state.offload,
         }
 
     def hotswap_read(self, names: Optional[List[str]] = None) -> Dict[str, Any]:
