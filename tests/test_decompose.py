@@ -337,3 +337,39 @@ def test_workers_take_the_drivers_prepass(tiny_family):
     for task in driver.tasks[:3]:
         assert torch.equal(packed_merge(worker, task).view(torch.int32), driver.merged(task).view(torch.int32))
     assert decompose(recipes(tiny_family)["sar"]).prepared_state() is None  # Fisher stores: each process opens them
+
+
+@pytest.mark.parametrize("scales", [(1.25, 1.25), (1.25, 0.5)])
+def test_fused_parameter_swapped_in_place_like_combine(scales):
+    """vllm_plugins.stores without an engine: q and k fused into one parameter (the
+    in-place path GPUs take for qkv_proj), one gamma (kept as the models' values) or
+    one per tensor (dots rescale: tensor, kept as float32 values): the swap writes
+    combine's bits into each tensor's rows, and the base stays where no vector is."""
+    from types import SimpleNamespace
+
+    from mergekit_rlvr.methods.common import RecomputedVector, combine
+    from vllm_plugins.layout import Copy, Layout, ParamLayout
+    from vllm_plugins.plan import ParamFacts, plan_paths
+    from vllm_plugins.stores import Builder
+
+    g = torch.Generator().manual_seed(1)
+    shapes = {"q": (4, 8), "k": (2, 8)}
+    bases = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    models = {n: b + 0.1 * torch.randn(b.shape, generator=g) for n, b in bases.items()}
+    masks = {n: torch.rand(b.shape, generator=g) < 0.3 for n, b in bases.items()}
+    copies = [Copy("q", ((4, 8), (8, 1), 0), ((4, 8), (8, 1), 0)), Copy("k", ((2, 8), (8, 1), 32), ((2, 8), (8, 1), 0))]
+    layout = Layout({"qkv": ParamLayout("qkv", (6, 8), copies)})
+    live = {"qkv": torch.cat([bases["q"], bases["k"]])}
+    plan = plan_paths({"qkv": ParamFacts("qkv", ("k", "q"), True, ((0,), (0,)), True)}, ["q", "k"])
+    builder = Builder(plan, layout, live, torch.device("cpu"))
+    for (name, base), scale in zip(bases.items(), scales):
+        task = SimpleNamespace(name=name, save_dtype=None, slots=[0])
+        builder.add(task, base, [RecomputedVector(models[name], masks[name], scale)], lambda: None)
+    builder.check_complete()
+    (entry,) = builder.inplace
+    assert entry.store.vectors[0].recompute == (scales[0] == scales[1])
+    for c in (0.7, -2.5):
+        entry.swap([c])
+        expect = torch.cat([combine(bases[n], [RecomputedVector(models[n], masks[n], s)], [c])
+                            for n, s in zip(bases, scales)])
+        assert torch.equal(live["qkv"].view(torch.int32), expect.view(torch.int32))
