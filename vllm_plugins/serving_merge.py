@@ -138,15 +138,13 @@ def parse_swap_request(body, names: list[str], current: list[float]) -> tuple[li
 
 
 def check_method_values(method: str | None, names: list[str], values: list[float]) -> None:
-    """Method-specific ranges (the same checks as the merge math)."""
-    if method == "reasoning_interp":
-        from mergekit_rlvr.methods.reasoning_interp import check_alpha
+    """The hot swap's one coefficient validator (float32 range, method ranges)."""
+    from vllm_plugins.rpc import check_values
 
-        for name, value in zip(names, values):  # alpha, or alpha@group per module group
-            try:
-                check_alpha(value)
-            except ValueError as error:
-                raise MergeRequestError(400, f"coefficient {name!r}: {error}") from None
+    try:
+        check_values(method, names, values)
+    except ValueError as error:
+        raise MergeRequestError(400, str(error)) from None
 
 
 def _number(name: str, value) -> float:
