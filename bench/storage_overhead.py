@@ -3,9 +3,9 @@ journal file, side by side in one run.
 
 Runs the real trial loop (`mergekit_rlvr.search.runner.run_search`: Optuna ask/tell,
 the heartbeat, the trial's user attributes, the progress callbacks, the final report)
-with the scripted engine of tests/test_search_support.py, which answers at once, so
+with the scripted engine of tests/support/fake_engine.py, which answers at once, so
 the loop's time per trial is Optuna + storage. PostgreSQL is a real server started
-here (tests/pg_server.py: Unix socket, fsync off as in the tests; a production server
+here (tests/support/pg_server.py: Unix socket, fsync off as in the tests; a production server
 with fsync on adds its commit latency). Each backend runs ``--rounds`` times in turn;
 the best round is reported.
 
@@ -25,7 +25,7 @@ TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 def one_run(url, root: Path, args, tag: str) -> float:
     from mergekit_rlvr.search.runner import run_search
-    from test_search_support import fake_opener, write_fake_recipe, write_queries
+    from support.fake_engine import fake_opener, write_fake_recipe, write_queries
 
     recipe = write_fake_recipe(root / f"{tag}.yml", extra={"sampler": args.sampler})
     queries = write_queries(root / "q.jsonl", args.queries)
@@ -45,7 +45,7 @@ def main():
     parser.add_argument("--sampler", default="random", choices=["random", "tpe", "nsga2"])
     args = parser.parse_args()
     sys.path.insert(0, str(TESTS))
-    import pg_server
+    from support import pg_server
 
     why = pg_server.missing()
     if why:

@@ -1,17 +1,24 @@
-"""Hot-swap speed, measured side by side in one run.
+"""The hot swap at scale, measured side by side in one run (bf16 generated models).
 
-1. Tiny model (2 layers): median ``set_coefficients`` time against what the
-   authors' code does per trial (write the merged model with mergekit-yaml, start a
-   fresh vLLM engine on it), and their ratio (goal: >= 1000x).
-2. A generated model of >= 0.5 B parameters in bfloat16: the swap's achieved rate
-   of rewritten weight bytes per second against this machine's memcpy rate
-   (``torch`` ``copy_`` of a large buffer) measured in the same run (goal: >= 50%).
-   The swap time is split into its reload part (vLLM re-runs the loaders and, on
-   the CPU backend, repacks every linear layer) and its in-place part.
+1. Bytes the swap holds per method (dots 2 models at density 0.3, sar,
+   reasoning_interp, task_arithmetic) / the model's weight bytes (goal for dots:
+   <= 1.3x), from the decomposition before any engine starts
+   (``vllm_plugins.plan.swap_bytes``), and for dots as the engine reports it.
+2. The combine step (``vllm_plugins.packed.combine_packed`` + the write of the
+   touched entries) against this machine's memcpy rate for the bytes it must touch
+   (read the stored bytes, write the touched entries; goal >= 50% on CPU).
+3. ``set_coefficients`` time, split into vLLM's reload (loaders and the CPU
+   backend's repacking), of which our combine, and the in-place part; against
+   the authors' per-trial cost (mergekit-yaml + a fresh engine).
+4. Hot-swap start (``HotSwapLLM.from_recipe``) / (a plain ``vllm.LLM`` start on
+   the merged output + one ``mergekit-yaml`` run) (goal: <= 1.2x).
+5. With ``--tp 2``: the per-rank bytes of a tensor_parallel_size=2 engine
+   (``VLLM_CPU_OMP_THREADS_BIND="0|1"`` on vLLM CPU).
 
-    .venv/bin/python bench/swap.py [--skip-large] [--trials 2] [--swaps 20]
+    .venv/bin/python bench/swap.py [--large] [--swaps 6] [--tp 2]
 
-Writes bench-out/swap.json and bench-out/swap.png beside it.
+The default model (~13 M parameters) runs in a couple of minutes; ``--large`` is
+the 0.52 B model of issue 16. Writes bench-out/swap.json and bench-out/swap.png.
 """
 
 from __future__ import annotations
@@ -28,18 +35,25 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-ENGINE = dict(kv_cache_memory_bytes=64 * 2**20, max_model_len=128, max_num_seqs=4, enforce_eager=True)
+ENGINE = dict(kv_cache_memory_bytes=64 * 2**20, max_model_len=128, max_num_seqs=4, enforce_eager=True,
+              dtype="bfloat16")
+SMALL = dict(hidden=512, layers=4, intermediate=1536)
+LARGE = dict(hidden=1536, layers=22, intermediate=4096)
 
 
-def dots_recipe(family, weights=(0.7, 1.3), dtype="float32"):
+def recipes(family) -> dict:
+    base, common = family["base"], {"dtype": "bfloat16"}
     return {
-        "merge_method": "dots",
-        "base_model": family["base"],
-        "models": [
-            {"model": family["sft"], "parameters": {"weight": weights[0], "density": 0.3}},
-            {"model": family["rl"], "parameters": {"weight": weights[1], "density": 0.3}},
-        ],
-        "dtype": dtype,
+        "dots": {"merge_method": "dots", "base_model": base, **common, "models": [
+            {"model": family["sft"], "parameters": {"weight": 0.7, "density": 0.3}},
+            {"model": family["rl"], "parameters": {"weight": 1.3, "density": 0.3}}]},
+        "sar": {"merge_method": "sar", "base_model": base, **common, "models": [
+            {"model": family["rl"]}, {"model": family["rl2"]}], "parameters": {"scale": 1.5, "drop_rate": 0.3}},
+        "reasoning_interp": {"merge_method": "reasoning_interp", "base_model": base, **common,
+                             "models": [{"model": family["sft"]}], "parameters": {"alpha": 0.5}},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, **common, "models": [
+            {"model": family["sft"], "parameters": {"weight": 0.5}},
+            {"model": family["rl"], "parameters": {"weight": 1.0}}]},
     }
 
 
@@ -50,148 +64,124 @@ def write_yaml(path: Path, data) -> Path:
     return path
 
 
-def timed_swaps(llm, count: int, seed: int = 0):
-    import random
-
-    rng = random.Random(seed)
-    names = list(llm.coefficients)
-    times, reports = [], []
-    for _ in range(count):
-        values = [rng.uniform(0.0, 2.0) for _ in names]
-        start = time.perf_counter()
-        reports.append(llm.set_coefficients(values))
-        times.append(time.perf_counter() - start)
-    return times, reports
-
-
-def authors_trial(recipe: Path, out: Path, engine_kwargs) -> dict:
-    """mergekit-yaml to disk, then a fresh engine that answers one prompt."""
-    from vllm import LLM, SamplingParams
-
-    start = time.perf_counter()
-    proc = subprocess.run([str(BIN / "mergekit-yaml"), str(recipe), str(out)], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    if proc.returncode != 0:
-        raise SystemExit(f"mergekit-yaml failed:\n{proc.stderr[-2000:]}")
-    merged = time.perf_counter()
-    llm = LLM(model=str(out), **engine_kwargs)
-    llm.generate(["hello"], SamplingParams(max_tokens=1), use_tqdm=False)
-    ready = time.perf_counter()
-    del llm
-    gc.collect()
-    return {"merge_seconds": merged - start, "engine_seconds": ready - merged, "total_seconds": ready - start}
-
-
 def memcpy_rate(nbytes: int, repeats: int = 5) -> float:
-    """Bytes copied per second by torch copy_ between two large buffers (best of N)."""
+    """Bytes copied per second by torch copy_ between two buffers (best of N)."""
     import torch
 
-    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    src = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src).fill_(0)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         dst.copy_(src)
         best = min(best, time.perf_counter() - start)
-    del src, dst
-    return nbytes / best
+    return src.numel() / best
 
 
-def tiny_part(root: Path, trials: int, swaps: int) -> dict:
-    from mergekit_rlvr.toy.tiny import write_family
+def bytes_part(family) -> dict:
+    """Per method: planned bytes per rank / weight bytes (no engine)."""
+    from mergekit_rlvr.decompose import decompose
 
-    from vllm_plugins import HotSwapLLM
+    from vllm_plugins.plan import swap_bytes
 
-    family = write_family(str(root / "tiny"), {"sft": (0.3, 1.0), "rl": (0.01, 0.3)})
-    recipe = write_yaml(root / "tiny.yml", dots_recipe(family))
-    kwargs = dict(ENGINE, dtype="float32")
-    start = time.perf_counter()
-    llm = HotSwapLLM.from_recipe(str(recipe), **kwargs)
-    startup = time.perf_counter() - start
-    llm.set_coefficients([1.0, 1.0])  # warm
-    times, reports = timed_swaps(llm, swaps)
-    state = llm.state()[0]
-    llm.close()
-    del llm
-    gc.collect()
-    baseline = []
-    for i in range(trials):
-        r = write_yaml(root / f"trial{i}.yml", dots_recipe(family, weights=(0.5 + 0.1 * i, 1.5)))
-        baseline.append(authors_trial(r, root / f"merged{i}", kwargs))
-    swap = statistics.median(times)
-    per_trial = statistics.median(b["total_seconds"] for b in baseline)
-    return {
-        "hotswap_startup_seconds": startup,
-        "swap_median_seconds": swap,
-        "swap_seconds": times,
-        "swap_reload_median_seconds": statistics.median(r["reload_seconds"] for r in reports),
-        "swap_inplace_median_seconds": statistics.median(r["inplace_seconds"] for r in reports),
-        "authors_trials": baseline,
-        "authors_trial_median_seconds": per_trial,
-        "ratio": per_trial / swap,
-        "vector_bytes": state["vector_bytes"],
-        "vector_dense_bytes": state["vector_dense_bytes"],
-    }
+    out = {}
+    for method, recipe in recipes(family).items():
+        sizes = swap_bytes(decompose(recipe))
+        out[method] = {**sizes, "ratio": sizes["per_rank"] / sizes["weights"]}
+    return out
 
 
-def large_part(root: Path, swaps: int, hidden: int, layers: int, intermediate: int) -> dict:
+def combine_part(family, repeats: int = 3) -> dict:
+    """The combine step on dots' packed tensors (in-place style) against memcpy."""
     import torch
 
-    from mergekit_rlvr.toy.tiny import write_family
+    from mergekit_rlvr.decompose import decompose
+
+    from vllm_plugins import packed
+
+    d = decompose(recipes(family)["dots"])
+    stores, lives = [], []
+    for task in d.tasks:
+        base, sources = d.sources(task)
+        stores.append((packed.pack(base, sources), list(task.slots)))
+        lives.append(base.to(task.save_dtype or base.dtype, copy=True))
+    touched = sum(s.nbytes + s.count * live.element_size() for (s, _), live in zip(stores, lives))
+    values = [0.9, 1.1]
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for (store, slots), live in zip(stores, lives):
+            merged = packed.combine_packed(store, [values[i] for i in slots])
+            packed.scatter(store, merged.to(live.dtype), live)
+        best = min(best, time.perf_counter() - start)
+    rate = touched / best
+    memcpy = memcpy_rate(touched)
+    del stores, lives
+    gc.collect()
+    return {"touched_bytes": touched, "seconds": best, "rate": rate, "memcpy_rate": memcpy,
+            "ratio": rate / memcpy, "threads": torch.get_num_threads()}
+
+
+def engine_part(root: Path, family, swaps: int) -> dict:
+    """Hot-swap start and swaps, then mergekit-yaml + a plain engine on its output."""
+    import random
+
+    from vllm import LLM, SamplingParams
 
     from vllm_plugins import HotSwapLLM
 
+    recipe = write_yaml(root / "dots.yml", recipes(family)["dots"])
     start = time.perf_counter()
-    family = write_family(str(root / "large"), {"sft": (0.3, 1.0), "rl": (0.01, 0.3)}, dtype=torch.bfloat16,
-                          hidden=hidden, layers=layers, intermediate=intermediate)
-    written = time.perf_counter() - start
-    recipe = write_yaml(root / "large.yml", dots_recipe(family, dtype="bfloat16"))
-    start = time.perf_counter()
-    llm = HotSwapLLM.from_recipe(str(recipe), **dict(ENGINE, dtype="bfloat16"))
+    llm = HotSwapLLM.from_recipe(str(recipe), **ENGINE)
+    llm.generate(["hello"], SamplingParams(max_tokens=1), use_tqdm=False)
     startup = time.perf_counter() - start
-    llm.set_coefficients([1.0, 1.0])
-    times, reports = timed_swaps(llm, swaps)
-    state = llm.state()[0]
+    rng = random.Random(0)
+    times, reports = [], []
+    for _ in range(swaps):
+        t = time.perf_counter()
+        reports.append(llm.set_coefficients([rng.uniform(0.0, 2.0) for _ in llm.coefficients]))
+        times.append(time.perf_counter() - t)
+    states, planned = llm.state(), llm.planned_bytes
     llm.close()
     del llm
     gc.collect()
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(family["base"], "model.safetensors"), "pt") as f:
-        numel = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
-                    else _prod(f.get_slice(k).get_shape()) for k in f.keys())
-    weight_bytes = numel * 2
-    rate_memcpy = memcpy_rate(weight_bytes)
-    swap = statistics.median(times)
-    reload = statistics.median(r["reload_seconds"] for r in reports)
-    inplace = statistics.median(r["inplace_seconds"] for r in reports)
-    combine = statistics.median(r["reload_combine_seconds"] for r in reports)
+    start = time.perf_counter()
+    proc = subprocess.run([str(BIN / "mergekit-yaml"), str(recipe), str(root / "merged")], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if proc.returncode != 0:
+        raise SystemExit(f"mergekit-yaml failed:\n{proc.stderr[-2000:]}")
+    merged = time.perf_counter()
+    plain = LLM(model=str(root / "merged"), **ENGINE)
+    plain.generate(["hello"], SamplingParams(max_tokens=1), use_tqdm=False)
+    ready = time.perf_counter()
+    plain.llm_engine.engine_core.shutdown()
+    del plain
+    gc.collect()
+    med = statistics.median
     return {
-        "swap_reload_combine_median_seconds": combine,
-        "params": numel,
-        "weight_bytes": weight_bytes,
-        "family_write_seconds": written,
-        "hotswap_startup_seconds": startup,
-        "swap_median_seconds": swap,
-        "swap_seconds": times,
-        "swap_reload_median_seconds": reload,
-        "swap_inplace_median_seconds": inplace,
-        "swap_rate_bytes_per_s": weight_bytes / swap,
-        "memcpy_rate_bytes_per_s": rate_memcpy,
-        "swap_vs_memcpy": (weight_bytes / swap) / rate_memcpy,
-        "vector_bytes": state["vector_bytes"],
-        "vector_dense_bytes": state["vector_dense_bytes"],
-        "base_bytes": state["base_bytes"],
-        "inplace_params": len(state["inplace"]),
-        "reload_tensors": len(state["reload"]),
+        "hotswap_start_seconds": startup, "merge_seconds": merged - start, "engine_seconds": ready - merged,
+        "start_ratio": startup / (ready - start),
+        "swap_median_seconds": med(times),
+        "swap_reload_median_seconds": med(r["reload_seconds"] for r in reports),
+        "swap_reload_combine_median_seconds": med(r["reload_combine_seconds"] for r in reports),
+        "swap_inplace_median_seconds": med(r["inplace_seconds"] for r in reports),
+        "authors_trial_vs_swap": (ready - start) / med(times),
+        "per_rank_bytes": [s["bytes"] for s in states], "weight_bytes": states[0]["weight_bytes"],
+        "planned_per_rank_bytes": planned["per_rank"],
+        "inplace_params": len(states[0]["inplace"]), "reload_tensors": len(states[0]["reload"]),
     }
 
 
-def _prod(shape):
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+def tp_part(root: Path, family, tp: int) -> dict:
+    from vllm_plugins import HotSwapLLM
+
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(tp)))
+    recipe = write_yaml(root / "dots-tp.yml", recipes(family)["dots"])
+    llm = HotSwapLLM.from_recipe(str(recipe), tensor_parallel_size=tp, **ENGINE)
+    states, planned = llm.state(), llm.planned_bytes
+    llm.close()
+    return {"tp": tp, "per_rank_bytes": [s["bytes"] for s in states], "planned_per_rank_bytes": planned["per_rank"],
+            "single_rank_bytes": planned["total"], "weight_bytes": planned["weights"]}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -200,58 +190,75 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2 if "large" in result else 1, figsize=(10, 4), squeeze=False)
-    tiny = result["tiny"]
-    ax = axes[0][0]
-    ax.bar(["hot swap", "mergekit-yaml\n+ fresh engine"],
-           [tiny["swap_median_seconds"], tiny["authors_trial_median_seconds"]], color=["tab:green", "tab:red"])
-    ax.set_yscale("log")
-    ax.set_ylabel("seconds per trial (log)")
-    ax.set_title(f"tiny model: {tiny['ratio']:.0f}x faster")
-    if "large" in result:
-        large = result["large"]
-        ax = axes[0][1]
-        ax.bar(["swap", "memcpy"], [large["swap_rate_bytes_per_s"] / 1e9, large["memcpy_rate_bytes_per_s"] / 1e9],
-               color=["tab:green", "tab:gray"])
-        ax.set_ylabel("GB of weights per second")
-        ax.set_title(f"{large['params'] / 1e9:.2f} B params bf16: {100 * large['swap_vs_memcpy']:.1f}% of memcpy")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    methods = list(result["bytes"])
+    axes[0].bar(methods, [result["bytes"][m]["ratio"] for m in methods], color="tab:blue")
+    axes[0].axhline(1.3, color="tab:red", linestyle="--", label="goal for dots: 1.3x")
+    axes[0].set_ylabel("bytes held / weight bytes")
+    axes[0].legend()
+    c = result["combine"]
+    axes[1].bar(["combine", "memcpy"], [c["rate"] / 1e9, c["memcpy_rate"] / 1e9], color=["tab:green", "tab:gray"])
+    axes[1].set_ylabel("GB/s of the bytes it touches")
+    axes[1].set_title(f"combine {100 * c['ratio']:.0f}% of memcpy")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def report(result: dict) -> None:
+    b = result["bytes"]
+    print("bytes held per rank / weight bytes: " + ", ".join(f"{m} {v['ratio']:.2f}x" for m, v in b.items())
+          + f" (weights {b['dots']['weights'] / 1e6:.1f} MB; goal for dots <= 1.3x)", flush=True)
+    c = result["combine"]
+    print(f"combine: {c['touched_bytes'] / 1e6:.1f} MB touched in {c['seconds'] * 1e3:.1f} ms = {c['rate'] / 1e9:.2f} "
+          f"GB/s; memcpy {c['memcpy_rate'] / 1e9:.2f} GB/s; combine/memcpy {100 * c['ratio']:.0f}% (goal >= 50%)",
+          flush=True)
+    if "engine" in result:
+        e = result["engine"]
+        print(f"swap: median {e['swap_median_seconds']:.3f} s (reload {e['swap_reload_median_seconds']:.3f} s, of "
+              f"which combine {e['swap_reload_combine_median_seconds']:.3f} s; in place "
+              f"{e['swap_inplace_median_seconds']:.4f} s); mergekit-yaml + fresh engine "
+              f"{e['merge_seconds'] + e['engine_seconds']:.1f} s = {e['authors_trial_vs_swap']:.0f}x a swap", flush=True)
+        print(f"hot-swap start {e['hotswap_start_seconds']:.1f} s / (engine start {e['engine_seconds']:.1f} s + "
+              f"mergekit-yaml {e['merge_seconds']:.1f} s) = {e['start_ratio']:.2f}x (goal <= 1.2x)", flush=True)
+        print(f"engine holds {[round(x / e['weight_bytes'], 3) for x in e['per_rank_bytes']]}x the weights per rank "
+              f"(planned {e['planned_per_rank_bytes'] / e['weight_bytes']:.3f}x)", flush=True)
+    if "tp" in result:
+        t = result["tp"]
+        print(f"TP={t['tp']}: per-rank bytes {[round(x / 1e6, 1) for x in t['per_rank_bytes']]} MB (planned "
+              f"{t['planned_per_rank_bytes'] / 1e6:.1f} MB; one rank would hold {t['single_rank_bytes'] / 1e6:.1f} MB)",
+              flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=2, help="authors'-style trials on the tiny model")
-    parser.add_argument("--swaps", type=int, default=20)
-    parser.add_argument("--skip-large", action="store_true")
-    parser.add_argument("--hidden", type=int, default=1536)
-    parser.add_argument("--layers", type=int, default=22)
-    parser.add_argument("--intermediate", type=int, default=4096)
+    parser.add_argument("--large", action="store_true", help="the 0.52 B model (1.05 GB of bf16 weights)")
+    parser.add_argument("--swaps", type=int, default=6)
+    parser.add_argument("--no-engine", action="store_true", help="only the parts without an engine (1, 2)")
+    parser.add_argument("--tp", type=int, default=0, help="also start a tensor_parallel_size=TP engine")
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
+
+    import torch
+
+    from mergekit_rlvr.toy.tiny import write_family
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {}
     with tempfile.TemporaryDirectory(prefix="swap-bench-") as tmp:
         root = Path(tmp)
-        result["tiny"] = tiny_part(root, args.trials, args.swaps)
-        t = result["tiny"]
-        print(f"tiny model: median swap {t['swap_median_seconds'] * 1e3:.1f} ms; mergekit-yaml + fresh engine "
-              f"{t['authors_trial_median_seconds']:.1f} s per trial; ratio {t['ratio']:.0f}x (goal >= 1000x)",
-              flush=True)
-        if not args.skip_large:
-            result["large"] = large_part(root, max(3, args.swaps // 4), args.hidden, args.layers, args.intermediate)
-            g = result["large"]
-            print(f"large model ({g['params'] / 1e9:.2f} B params, bf16, {g['weight_bytes'] / 1e9:.2f} GB): "
-                  f"median swap {g['swap_median_seconds']:.2f} s (reload {g['swap_reload_median_seconds']:.2f} s, of which "
-                  f"base + sum c_j v_j {g['swap_reload_combine_median_seconds']:.2f} s; "
-                  f"in place {g['swap_inplace_median_seconds']:.3f} s) = {g['swap_rate_bytes_per_s'] / 1e9:.2f} GB/s; "
-                  f"memcpy {g['memcpy_rate_bytes_per_s'] / 1e9:.2f} GB/s; swap/memcpy "
-                  f"{100 * g['swap_vs_memcpy']:.1f}% (goal >= 50%)", flush=True)
-            print(f"dots vectors: {g['vector_bytes'] / 1e9:.2f} GB held vs {g['vector_dense_bytes'] / 1e9:.2f} GB "
-                  f"dense ({g['vector_bytes'] / g['vector_dense_bytes']:.2f}x)", flush=True)
+        shape = LARGE if args.large else SMALL
+        family = write_family(str(root / "family"), {"sft": (0.3, 1.0), "rl": (0.01, 0.3), "rl2": (0.01, 0.3)},
+                              dtype=torch.bfloat16, **shape)
+        result["model"] = shape
+        result["bytes"] = bytes_part(family)
+        result["combine"] = combine_part(family)
+        if not args.no_engine:
+            result["engine"] = engine_part(root, family, args.swaps)
+        if args.tp > 1:
+            result["tp"] = tp_part(root, family, args.tp)
+    report(result)
     tmp_json = out / "swap.json.tmp"
     tmp_json.write_text(json.dumps(result, indent=2))
     os.replace(tmp_json, out / "swap.json")
@@ -264,11 +271,6 @@ if __name__ == "__main__":
     # Engines started and shut down in this process can leave non-daemon threads
     # behind that keep the interpreter from exiting (seen with vllm-cpu); the results
     # are written, so leave now.
-    import threading
-
-    lingering = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if lingering:
-        print(f"(exiting past lingering threads: {', '.join(lingering)})", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -1,17 +1,17 @@
 """Shared fixtures: tiny generated checkpoints written as real safetensors files,
-and the real `mergekit-yaml` console script run in a subprocess."""
+recipe files of them, and a real PostgreSQL server. The helpers behind them are in
+tests/support/ (``from support.files import write_recipe`` ...); the names below
+stay importable from conftest for the test modules that still do."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import re
 from pathlib import Path
+from typing import Callable
 
 import pytest
-import yaml
 
-BIN = Path(sys.executable).parent
+from support.files import BIN, load_state, mergekit_yaml, write_recipe  # noqa: F401 (re-exported)
 
 
 @pytest.fixture(scope="session")
@@ -23,38 +23,30 @@ def tiny_family(tmp_path_factory):
     return write_family(str(out), {"sft": (0.3, 1.0), "rl": (0.01, 0.3), "rl2": (0.01, 0.3)})
 
 
-def write_recipe(path: Path, recipe: dict) -> Path:
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
+@pytest.fixture(scope="session")
+def recipe_file(tmp_path_factory) -> Callable[..., Path]:
+    """``recipe_file(recipe, name="recipe.yml")``: the recipe written in a fresh
+    directory of the session (build it with ``support.recipes``); its path."""
+    def write(recipe: dict, name: str = "recipe.yml"):
+        return write_recipe(tmp_path_factory.mktemp(name.split(".")[0]) / name, recipe)
+    return write
 
 
-def mergekit_yaml(recipe: Path, out: Path, *extra: str, exe: Path = BIN / "mergekit-yaml", check=True):
-    """Run the real console script; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [str(exe), str(recipe), str(out), *extra],
-        capture_output=True, text=True, env=env,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"mergekit-yaml failed:\n{proc.stderr[-4000:]}")
-    return proc
+@pytest.fixture(scope="module")
+def engine(recipe, request):
+    """One HotSwapLLM for the test module, on its ``recipe`` fixture with its ``ENGINE``
+    keyword arguments (support.engines.hotswap_engine), closed after the module."""
+    from support.engines import hotswap_engine
 
-
-def load_state(path) -> dict:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    state = {}
-    for file in sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(file)))
-    return state
+    yield from hotswap_engine(recipe, **request.module.ENGINE)
 
 
 @pytest.fixture(scope="session")
 def postgresql_server():
-    """A real PostgreSQL server for the session (tests/pg_server.py): Unix socket only,
-    stopped at the end; skipped, with the reason, where the binaries are absent."""
-    import pg_server
+    """A real PostgreSQL server for the session (tests/support/pg_server.py): Unix
+    socket only, stopped at the end; skipped, with the reason, where the binaries are
+    absent."""
+    from support import pg_server
 
     why = pg_server.missing()
     if why:
@@ -67,8 +59,6 @@ def postgresql_server():
 @pytest.fixture
 def postgresql_url(postgresql_server, request):
     """A fresh, empty database on the session's server; its SQLAlchemy URL."""
-    import re
-
     _DATABASES.append(request.node.name)
     name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50] + f"_{len(_DATABASES)}"
     return postgresql_server.create_database(name)

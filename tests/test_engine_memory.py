@@ -135,3 +135,44 @@ def test_serve_sizes_the_kv_cache_in_bytes_on_cpu(tiny_family):
         kv_cache_args(tiny_family["base"], ["--gpu-memory-utilization", "0.0001"])
     with pytest.raises(UserError, match=r"^--max-model-len 4k: give a number"):
         kv_cache_args(tiny_family["base"], ["--max-model-len", "4k"])
+
+
+def test_hot_swap_memory_is_reserved_before_vllm_sizes_its_cache(tiny_family):
+    """The swap's bytes per device (vllm_plugins.plan.swap_bytes) are taken first: on
+    CPU from what the KV cache may have, on a GPU off gpu_memory_utilization."""
+    base = tiny_family["base"]
+    swap = 2 * GiB
+    auto = memory.plan_cpu({"max_model_len": 512}, base, SMALL_NODE, swap_bytes=swap)["kv_cache_memory_bytes"]
+    assert auto == 256 * 512 * 1024  # 128 MiB still fits in a quarter of the 7.2 GiB left
+    weights = sum(f.stat().st_size for f in Path(base).glob("*.safetensors"))
+    assert memory.plan_cpu({"gpu_memory_utilization": 0.5}, base, SMALL_NODE, swap_bytes=swap) == \
+        {"kv_cache_memory_bytes": (5 * GiB - swap - 768 * MiB - weights) // MiB * MiB}
+    with pytest.raises(UserError, match=r"^the hot swap needs 2.00 GiB per device beside the weights, .* NUMA node 0 "
+                                        r"has 9.20 GiB free; options: --kv-cache-memory-bytes at most"):
+        memory.plan_cpu({"kv_cache_memory_bytes": 8 * GiB}, base, SMALL_NODE, prefix="--", swap_bytes=swap)
+    card = Memory(total=80 * GiB, available=79 * GiB, where="cuda:0")
+    lowered = memory.check_gpu({"gpu_memory_utilization": 0.9}, card, swap_bytes=10 * GiB, weight_bytes=15 * GiB)
+    assert lowered == {"gpu_memory_utilization": 0.775}  # 0.9 - 10/80
+    with pytest.raises(UserError, match=r"^the hot swap needs 60.00 GiB per device .* cuda:0 has 79.00 GiB free"):
+        memory.check_gpu({"gpu_memory_utilization": 0.9}, card, swap_bytes=60 * GiB, weight_bytes=15 * GiB)
+
+
+def test_a_recipe_too_large_for_its_memory_fails_before_the_engine_starts(tiny_family, monkeypatch):
+    from mergekit_rlvr.decompose import decompose
+    from vllm_plugins import HotSwapLLM
+    from vllm_plugins.plan import swap_bytes
+
+    recipe = {"merge_method": "dots", "base_model": tiny_family["base"], "dtype": "float32",
+              "models": [{"model": tiny_family["sft"], "parameters": {"weight": 0.7, "density": 0.3}},
+                         {"model": tiny_family["rl"], "parameters": {"weight": 1.3, "density": 0.3}}]}
+    planned = swap_bytes(decompose(recipe))
+    assert 0 < planned["per_rank"] == planned["total"] <= 1.3 * planned["weights"]
+    weights = sum(f.stat().st_size for f in Path(tiny_family["base"]).glob("*.safetensors"))
+    # room for the engine and its 64 MiB cache, but not for the swap beside them
+    room = memory.WORKER_BASE_RSS + weights + 64 * MiB + planned["per_rank"] // 2
+    monkeypatch.setattr(memory, "_node_memory", lambda: Memory(total=GiB, available=room, where="NUMA node 0"))
+    monkeypatch.setattr(memory, "_on_cpu", lambda: True)
+    with pytest.raises(UserError, match=r"^the hot swap needs .* per device beside the weights") as error:
+        HotSwapLLM.from_recipe(recipe, kv_cache_memory_bytes=64 * MiB, max_model_len=128)
+    line = str(error.value)
+    assert "\n" not in line and "options:" in line and "kv_cache_memory_bytes at most" in line

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import BIN, load_state, mergekit_yaml, write_recipe
+from support.files import BIN, load_state, mergekit_yaml, write_recipe
 from mergekit_rlvr.errors import UserError
 from mergekit_rlvr.fisher import Row, compute_fisher, diagonal_fisher, encode, read_rows
 from mergekit_rlvr.io.fisher import FisherStore, save_fisher

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from mergekit_rlvr.errors import UserError
-from mergekit_rlvr.search.objectives import dots_prompts, query_prompts
+from mergekit_rlvr.search.dots import dots_prompts
+from mergekit_rlvr.search.prompts import query_prompts
 from mergekit_rlvr.search.queries import Query
 from mergekit_rlvr.search.reasoning import reasoning_prompts
 from mergekit_rlvr.search.settings import load_settings

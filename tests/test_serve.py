@@ -16,18 +16,17 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import write_recipe
+from support import recipes
+from support.files import BIN, write_recipe
 
 requests = pytest.importorskip("requests")
 
-BIN = Path(sys.executable).parent
 API_KEY = "test-key-1234"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 STARTUP_TIMEOUT = 600  # seconds; a loaded 2-core machine needs a few minutes for three processes
@@ -96,14 +95,8 @@ def start_server(recipe: Path, log: Path, *extra: str, env: dict | None = None) 
 
 
 @pytest.fixture(scope="module")
-def dots_recipe(tiny_family, tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve") / "dots.yml"
-    return write_recipe(path, {
-        "merge_method": "dots", "base_model": tiny_family["base"], "dtype": "float32",
-        "models": [{"model": tiny_family["sft"], "parameters": {"weight": 0.79}},
-                   {"model": tiny_family["rl"], "parameters": {"weight": 1.82}}],
-        "parameters": {"density": 0.3},
-    })
+def dots_recipe(tiny_family, recipe_file):
+    return recipe_file(recipes.dots(tiny_family, (0.79, 1.82), parameters={"density": 0.3}), "dots.yml")
 
 
 @pytest.fixture(scope="module")

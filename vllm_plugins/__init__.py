@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-WORKER_EXTENSION = "vllm_plugins.worker.HotSwapWorkerExtension"
+from vllm_plugins.names import WORKER_EXTENSION
 
 __all__ = ["HotSwapLLM", "WORKER_EXTENSION", "register"]
 

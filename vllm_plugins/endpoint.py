@@ -26,16 +26,13 @@ import os
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from .names import MODELS_ENV, PLUGIN_NAME, RECIPE_ENV
 from .serving_gate import AdmissionGate, MergeVersionMiddleware
 from .serving_merge import MergeController, MergeRequestError
 
 logger = logging.getLogger("vllm.mergekit_rlvr.endpoint")
 
-PLUGIN_NAME = "mergekit_rlvr"
 ROUTE = "/v1/merge"
-#: Environment variable naming the recipe to load at start-up (set by `mergekit-rlvr serve`).
-RECIPE_ENV = "MERGEKIT_RLVR_SERVE_RECIPE"
-MODELS_ENV = "MERGEKIT_RLVR_SERVE_MODELS"  # mergekit_rlvr.cli.serve's resolutions (JSON)
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from vllm_plugins import WORKER_EXTENSION
+from vllm_plugins import WORKER_EXTENSION, rpc
 
 
 class HotSwapLLM:
@@ -20,7 +20,9 @@ class HotSwapLLM:
         self._d = decomposition
         self._values = list(decomposition.coefficients) if values is None else values
         self.version = 0
-        self.load_reports = self._rpc("hotswap_load", spec)
+        self._spec = spec
+        self.planned_bytes: Optional[Dict[str, int]] = None  # plan.swap_bytes, computed before the engine started
+        self.load_reports = self._rpc(rpc.LOAD, spec)
         self.llm.reset_prefix_cache()
 
     # -- construction ------------------------------------------------------------
@@ -30,6 +32,7 @@ class HotSwapLLM:
         recipe,
         *,
         paths: str = "auto",
+        offload: bool = False,
         coefficients: Optional[Union[Dict[str, float], Sequence[float]]] = None,
         groups: Any = None,
         sequences: Optional[int] = None,
@@ -40,7 +43,9 @@ class HotSwapLLM:
         vectors on every worker. ``recipe``: a YAML path or a dict. Invalid recipes
         (unsupported method, checkpoints that do not match the base) raise a
         ValueError (``mergekit_rlvr.errors.UserError``) before the engine starts.
-        ``groups``: one coefficient per module group (see :mod:`mergekit_rlvr.groups`;
+        ``offload``: keep the swap's base and vectors in pinned host memory and stream
+        them to the device at each swap (for vectors that do not fit beside the weights;
+        nothing is reserved on the device for them). ``groups``: one coefficient per module group (see :mod:`mergekit_rlvr.groups`;
         default: the recipe's ``search.groups``). Models may be local directories or
         Hugging Face ids (``org/name[@revision]``, see :mod:`mergekit_rlvr.hub`): the
         engine starts on the base's snapshot directory. The KV cache is sized in bytes
@@ -55,23 +60,31 @@ class HotSwapLLM:
         d = decompose(data, trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
         d.prepare()  # checks every checkpoint against the base before the engine starts
         values = None if coefficients is None else d.check_coefficients(coefficients)
-        spec = load_spec(data, values, paths=paths, models=d.resolved,
+        spec = load_spec(data, values, paths=paths, models=d.resolved, offload=offload, prepared=d.prepared_state(),
                          trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
-        from vllm import LLM
-
-        from vllm_plugins.memory import size_engine, start_errors
+        from vllm_plugins.memory import _on_cpu, size_engine, start_errors
+        from vllm_plugins.plan import swap_bytes
 
         llm_kwargs.setdefault("model", d.base_path)
-        llm_kwargs = size_engine(llm_kwargs, llm_kwargs["model"], sequences, settings_prefix)
+        # what the swap will hold per device, reserved before vLLM sizes its KV cache
+        planned = swap_bytes(d, int(llm_kwargs.get("tensor_parallel_size") or 1), progress=True)
+        # (offloaded to host memory on a GPU, they take none of the device's)
+        reserve = planned["per_rank"] if not offload or _on_cpu() else 0
+        llm_kwargs = size_engine(llm_kwargs, llm_kwargs["model"], sequences, settings_prefix, swap_bytes=reserve)
         llm_kwargs["worker_extension_cls"] = WORKER_EXTENSION
+        from vllm import LLM
+
         with start_errors(settings_prefix):
             llm = LLM(**llm_kwargs)
-        return cls(llm, d, spec, values)
+        out = cls(llm, d, spec, values)
+        out.planned_bytes = planned
+        return out
 
-    def load_recipe(self, recipe, *, paths: str = "auto", coefficients=None, groups: Any = None
-                    ) -> List[Dict[str, Any]]:
+    def load_recipe(self, recipe, *, paths: str = "auto", coefficients=None, groups: Any = None,
+                    offload: Optional[bool] = None) -> List[Dict[str, Any]]:
         """Switch this engine to another recipe on the same base model (its vectors
-        replace the current ones; its coefficients, or ``coefficients``, are applied)."""
+        replace the current ones; its coefficients, or ``coefficients``, are applied).
+        ``offload``: as in :meth:`from_recipe` (default: as the engine was started)."""
         import os
 
         from mergekit_rlvr.decompose import decompose
@@ -85,7 +98,11 @@ class HotSwapLLM:
             raise UserError(f"recipe base_model {d.base_path} is not this engine's base {self._d.base_path}")
         d.prepare()
         values = None if coefficients is None else d.check_coefficients(coefficients)
-        reports = self._rpc("hotswap_load", load_spec(data, values, paths=paths, models=d.resolved))
+        offload = bool(self._spec.get("offload", False) if offload is None else offload)
+        spec = load_spec(data, values, paths=paths, models=d.resolved, offload=offload,
+                         prepared=d.prepared_state())
+        reports = self._rpc(rpc.LOAD, spec)
+        self._spec = spec
         self.llm.reset_prefix_cache()
         self._d = d
         self._values = list(d.coefficients) if values is None else values
@@ -116,7 +133,7 @@ class HotSwapLLM:
         order). Invalid input raises ValueError and leaves the weights as they were.
         Prefix caches are reset. Returns the first worker's timing report."""
         values = self.validate(coefficients)
-        reports = self._rpc("hotswap_set", values)
+        reports = self._rpc(rpc.SET, values)
         self.llm.reset_prefix_cache()
         self._values = values
         self.version += 1
@@ -136,22 +153,22 @@ class HotSwapLLM:
     def generate(self, *args, **kwargs):
         return self.llm.generate(*args, **kwargs)
 
-    def state(self) -> List[Dict[str, Any]]:
-        """Per worker: bytes held, path per parameter, version, coefficients."""
-        return self._rpc("hotswap_state")
+    def state(self) -> List[rpc.StateReply]:
+        """Per worker (tensor-parallel rank): ``bytes`` (every byte the swap holds
+        beyond vLLM's own weights, with ``base_bytes`` and ``vector_bytes``), path per
+        parameter, version, coefficients."""
+        return self._rpc(rpc.STATE)
 
     def read_weights(self, names: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         """Per worker: copies of the live parameters that are plain tensors
         (name -> torch.Tensor)."""
-        from vllm_plugins.worker import decode_tensor
-
-        return [{k: decode_tensor(v) for k, v in r.items()} for r in self._rpc("hotswap_read", names)]
+        return [{k: rpc.decode_tensor(v) for k, v in r.items()} for r in self._rpc(rpc.READ, names)]
 
     def _rpc(self, method: str, *args):
         return self.llm.collective_rpc(method, args=args)
 
     def __getattr__(self, name):  # chat, encode, get_tokenizer, ... of vllm.LLM
-        if name in ("llm", "_d"):
+        if name in ("llm", "_d", "_spec", "planned_bytes"):
             raise AttributeError(name)
         return getattr(self.llm, name)
 

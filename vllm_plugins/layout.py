@@ -54,23 +54,12 @@ class ParamLayout:
             out.as_strided(*c.dst).copy_(src.as_strided(*c.src))
         return out
 
-    def covered(self) -> torch.Tensor:
-        """bool mask of the entries some checkpoint tensor fills."""
-        mask = torch.zeros(self.shape, dtype=torch.bool)
-        for c in self.copies:
-            mask.as_strided(*c.dst).fill_(True)
-        return mask
-
 
 @dataclass
 class Layout:
     params: Dict[str, ParamLayout]  # vLLM parameter name -> layout
-    unmapped: List[str]  # checkpoint names no copy came from (skipped or transformed)
     error: Optional[str] = None  # why recording failed, if it did
     stray: int = 0  # copies into parameters from something other than a checkpoint view
-
-    def params_of(self, checkpoint: str) -> List[str]:
-        return [p for p, layout in self.params.items() if checkpoint in layout.checkpoints]
 
 
 def _geometry(t: torch.Tensor) -> Geometry:
@@ -148,12 +137,11 @@ def record_layout(model: torch.nn.Module, checkpoint: Iterable[Tuple[str, torch.
             module._parameters.clear()
             module._parameters.update(params)
     if error is not None:
-        return Layout({}, [n for n, _, _ in checkpoint], error)
+        return Layout({}, error)
     params = {
         name: ParamLayout(name, shapes[name], copies) for name, copies in recorder.copies.items()
     }
-    used = {c.checkpoint for layout in params.values() for c in layout.copies}
-    return Layout(params, [n for n, _, _ in checkpoint if n not in used], stray=recorder.stray)
+    return Layout(params, stray=recorder.stray)
 
 
 def _tracking(loader, recorder: _Recorder, name: str):
@@ -168,5 +156,17 @@ def _tracking(loader, recorder: _Recorder, name: str):
     return tracked
 
 
-def named_live_parameters(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    return dict(model.named_parameters(remove_duplicate=False))
+def only(pl: ParamLayout, checkpoint: str) -> ParamLayout:
+    """The copies of one checkpoint tensor into a parameter."""
+    return ParamLayout(pl.name, pl.shape, [c for c in pl.copies if c.checkpoint == checkpoint])
+
+
+def rank_positions(layout: Layout, checkpoint: str, shape) -> Optional[torch.Tensor]:
+    """Flat bool mask of the entries of ``checkpoint`` this rank's loaders copy from,
+    or None when they read all of it (one rank, replicated tensors)."""
+    covered = torch.zeros(int(torch.Size(shape).numel()), dtype=torch.bool)
+    for pl in layout.params.values():
+        for c in pl.copies:
+            if c.checkpoint == checkpoint:
+                covered.as_strided(*c.src).fill_(True)
+    return None if bool(covered.all()) else covered

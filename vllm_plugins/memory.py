@@ -168,25 +168,39 @@ def _one_sequence(model_dir: str, kwargs: Mapping[str, Any]) -> Tuple[int, int]:
         * tokens
 
 
+def _swap_line(swap: int, need: int, memory: Memory, options: str) -> UserError:
+    """The one line for a hot swap that cannot fit beside the engine."""
+    return UserError(f"the hot swap needs {_gib(swap)} per device beside the weights, {_gib(need)} per device in all "
+                     f"with the engine's own memory, and {memory.where} has {_gib(memory.available)} free; "
+                     f"options: {options}, fewer models or a lower density, tensor_parallel_size over more devices")
+
+
 def plan_cpu(kwargs: Mapping[str, Any], model_dir: str, memory: Memory, sequences: Optional[int] = None,
-             prefix: str = "") -> Dict[str, Any]:
-    """The CPU path of :func:`size_engine` on given node memory (pure: testable anywhere)."""
+             prefix: str = "", swap_bytes: int = 0) -> Dict[str, Any]:
+    """The CPU path of :func:`size_engine` on given node memory (pure: testable anywhere).
+    ``swap_bytes``: what the hot swap will hold beside the weights (taken first)."""
     length, one = _one_sequence(model_dir, kwargs)
     kv, util, mml = (setting(prefix, k) for k in ("kv_cache_memory_bytes", "gpu_memory_utilization",
                                                    "max_model_len"))
+    swap = int(swap_bytes)
+    rss = WORKER_BASE_RSS + _weight_bytes(model_dir)
+    if swap and swap + rss + one > memory.available:
+        raise _swap_line(swap, swap + rss + one, memory, f"a smaller {mml}")
     given = kwargs.get("kv_cache_memory_bytes")
     if given is not None:
         if int(given) < one:
             raise UserError(f"{kv} {int(given)}: one {length}-token sequence needs {one} bytes of KV cache; "
                             f"set {kv} to at least {one} or lower {mml}")
+        if swap and int(given) + swap + rss > memory.available:
+            raise _swap_line(swap, int(given) + swap + rss, memory,
+                             f"{kv} at most {max(one, memory.available - swap - rss) // MiB * MiB}")
         if int(given) > memory.available:
             raise UserError(f"{kv} {int(given)} ({_gib(int(given))}) is more than the {_gib(memory.available)} "
                             f"free on {memory.where}; lower {kv} or {mml}")
         return dict(kwargs)
     if kwargs.get("gpu_memory_utilization") is not None:
         fraction = float(kwargs["gpu_memory_utilization"])
-        reserved = int(math.ceil(fraction * memory.total))
-        rss = WORKER_BASE_RSS + _weight_bytes(model_dir)
+        reserved = int(math.ceil(fraction * memory.total)) - swap
         if reserved > memory.available or reserved - rss < one:
             raise UserError(
                 f"{util} {fraction}: on CPU vLLM gives its KV cache {fraction} x {_gib(memory.total)} "
@@ -195,7 +209,7 @@ def plan_cpu(kwargs: Mapping[str, Any], model_dir: str, memory: Memory, sequence
         # the fraction's meaning on CPU, in bytes: vLLM then never sizes from RAM itself
         rest = {k: v for k, v in kwargs.items() if k != "gpu_memory_utilization"}
         return {**rest, "kv_cache_memory_bytes": (reserved - rss) // MiB * MiB}
-    cap = int(memory.available * AUTO_SHARE) // MiB * MiB
+    cap = int((memory.available - swap) * AUTO_SHARE) // MiB * MiB
     if one > cap:
         raise UserError(f"one {length}-token sequence needs {_gib(one)} of KV cache, more than a quarter of the "
                         f"{_gib(memory.available)} free on {memory.where}; set {kv} or lower {mml}")
@@ -203,30 +217,48 @@ def plan_cpu(kwargs: Mapping[str, Any], model_dir: str, memory: Memory, sequence
     return {**kwargs, "kv_cache_memory_bytes": min(-(-want // MiB) * MiB, cap)}
 
 
-def check_gpu(kwargs: Mapping[str, Any], memory: Memory, prefix: str = "") -> None:
+def check_gpu(kwargs: Mapping[str, Any], memory: Memory, prefix: str = "", swap_bytes: int = 0,
+              weight_bytes: int = 0) -> Dict[str, Any]:
     """vLLM's GPU worker refuses to start when ``gpu_memory_utilization`` of the
-    device is more than is free: say so before it starts."""
-    if kwargs.get("kv_cache_memory_bytes") is not None:
-        return
+    device is more than is free: say so before it starts. With a hot swap of
+    ``swap_bytes`` per device, ``gpu_memory_utilization`` is lowered by that share of
+    the device, so vLLM sizes its KV cache with the swap's memory already taken (the
+    vectors are built after the engine starts, into what vLLM leaves free)."""
     util = setting(prefix, "gpu_memory_utilization")
+    swap = int(swap_bytes)
+    if kwargs.get("kv_cache_memory_bytes") is not None:
+        need = int(kwargs["kv_cache_memory_bytes"]) + swap + int(weight_bytes)
+        if swap and need > memory.available:
+            raise _swap_line(swap, need, memory, f"a smaller {setting(prefix, 'kv_cache_memory_bytes')}")
+        return dict(kwargs)
     fraction = float(kwargs.get("gpu_memory_utilization") or DEFAULT_UTILIZATION)
     if fraction * memory.total > memory.available:
         most = math.floor(100 * memory.available / memory.total) / 100
         raise UserError(f"{util} {fraction}: vLLM would take {_gib(fraction * memory.total)} of {memory.where}, "
                         f"which has {_gib(memory.available)} free; set {util} to at most {most:.2f}")
+    if not swap:
+        return dict(kwargs)
+    lowered = fraction - swap / memory.total
+    if lowered * memory.total < int(weight_bytes) + swap // 8:  # no room left for a KV cache
+        raise _swap_line(swap, swap + int(weight_bytes), memory, f"a GPU with more memory than {util} {fraction} "
+                         f"of {_gib(memory.total)} leaves")
+    return {**kwargs, "gpu_memory_utilization": math.floor(lowered * 1000) / 1000}
 
 
 def size_engine(kwargs: Mapping[str, Any], model_dir: str, sequences: Optional[int] = None,
-                prefix: str = "") -> Dict[str, Any]:
+                prefix: str = "", swap_bytes: int = 0) -> Dict[str, Any]:
     """``kwargs`` for ``vllm.LLM`` with the KV cache sized (see the module docstring).
     ``sequences``: how many sequences the engine runs at once (default: its
-    ``max_num_seqs``); ``prefix`` names the settings in error lines (``search.engine.``)."""
+    ``max_num_seqs``); ``prefix`` names the settings in error lines (``search.engine.``);
+    ``swap_bytes``: what a hot swap holds per device beside the weights
+    (:func:`vllm_plugins.plan.swap_bytes`), reserved before vLLM sizes its cache."""
     if _on_cpu():
-        return plan_cpu(kwargs, model_dir, _node_memory(), sequences, prefix)
+        return plan_cpu(kwargs, model_dir, _node_memory(), sequences, prefix, swap_bytes)
     import torch
 
     if torch.cuda.is_available():
-        check_gpu(kwargs, _gpu_memory(), prefix)
+        tp = max(1, int(kwargs.get("tensor_parallel_size") or 1))
+        return check_gpu(kwargs, _gpu_memory(), prefix, swap_bytes, _weight_bytes(model_dir) // tp)
     return dict(kwargs)
 
 

@@ -1,106 +1,221 @@
-"""Compact device storage for the fixed vectors, and the swap's arithmetic on it.
+"""Exact compact storage of a recipe's fixed vectors, and the swap's arithmetic on it.
 
-A sparse vector (DoTS) is kept as its kept values plus their flat positions
-(int32): 8 bytes per kept entry, 0.6x a dense float32 copy at density 0.3. A dense
-vector is kept as is. :func:`combine_stored` computes exactly what
-``mergekit_rlvr.methods.common.combine`` computes on the unpacked vectors (same
-per-entry float operations in the same order: the result is bit-identical, see
-tests/test_hotswap.py), with an indexed add instead of boolean-mask indexing,
-which is several times faster on CPU. Pure torch, no vLLM.
+Pure torch, no vLLM: every function works on CPU or CUDA tensors alike (the GPU
+kernel layer of issue 15 builds on it; the worker calls it).
+
+One :class:`Packed` per tensor (a vLLM parameter in its own layout, or a checkpoint
+tensor or this rank's part of it) holds:
+
+- ``touched``: the entries some vector changes, as a bitmask (1 bit per entry; None
+  when all are). Elsewhere the merged weight is the base for every coefficient, so
+  the swap never writes there and nothing is stored for them.
+- ``base``: the base at the touched entries, in the narrowest dtype that holds the
+  merge dtype's values exactly (bf16 checkpoints: bf16).
+- per vector: its support within ``touched`` (a bitmask, or None for all) and either
+  the fine-tuned model's own values there (``recompute``: dots, task_arithmetic,
+  reasoning_interp; the task vector ``((theta - theta_base) * scale)`` is recomputed
+  at each swap, in float32, exactly as the kernels compute it) or the vector's own
+  values (sar's arbitrated delta), each in the narrowest exact dtype.
+
+Entries of a vector whose value is +-0 are left out of its support where the base is
+not -0.0: there the running float sum is never -0.0 (a round-to-nearest sum is -0.0
+only when every term is), so adding +-0 leaves it unchanged bit for bit.
+
+:func:`combine_packed` gives, at the touched entries, exactly what
+``mergekit_rlvr.methods.common.combine(base, vectors, c, out_dtype=merge dtype)``
+gives: float32 work (float64 for a float64 merge), per vector one multiply and one
+add per entry in vector order, rounded once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass, field, replace
+from typing import List, Optional, Sequence
 
 import torch
 
-from mergekit_rlvr.methods.common import SparseVector
+from mergekit_rlvr.methods.common import MaskedVector, RecomputedVector, SparseVector
+
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+# --------------------------------------------------------------------------- bits
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8, 8 entries a byte (row-major, low bit first)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8).to(torch.uint8) << shifts).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, count: int) -> torch.Tensor:
+    """The flat bool tensor of ``count`` entries that :func:`pack_bits` packed."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return ((bits.unsqueeze(1) >> shifts) & 1).view(-1)[:count].bool()
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.reshape(-1).view(_INT[a.element_size()]), b.reshape(-1).view(_INT[b.element_size()]))
+
+
+def narrowest(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the smallest floating dtype that gives back its exact bits."""
+    candidates = {torch.float32: (torch.bfloat16, torch.float16),
+                  torch.float64: (torch.bfloat16, torch.float16, torch.float32)}.get(t.dtype, ())
+    for dtype in candidates:
+        narrow = t.to(dtype)
+        if same_bits(narrow.to(t.dtype), t):
+            return narrow
+    return t
+
+
+def _nbytes(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+# --------------------------------------------------------------------------- formats
 @dataclass
-class IndexedSparse:
-    index: torch.Tensor  # flat positions of the kept entries, ascending (int32, or int64 if huge)
-    values: torch.Tensor  # kept entries, same order
-    shape: torch.Size
-
-    @classmethod
-    def from_sparse(cls, vector: SparseVector, base: Optional[torch.Tensor] = None) -> "IndexedSparse":
-        """With ``base``, kept entries whose value is zero are dropped wherever the
-        base is not -0.0: there the running sum is never -0.0 (a float sum is -0.0
-        only when every term is), so adding +-0 leaves it bit for bit unchanged.
-        (DoTS keeps ties at the threshold, so a sparse update keeps all its zeros.)"""
-        flat = vector.mask.reshape(-1)
-        index = flat.nonzero().squeeze(1)
-        values = vector.values.reshape(-1)
-        if base is not None and values.numel():
-            base_flat = base.reshape(-1)[index]
-            negative_zero = (base_flat == 0) & torch.signbit(base_flat)
-            keep = (values != 0) | negative_zero
-            if not bool(keep.all()):
-                index, values = index[keep], values[keep]
-        if flat.numel() < 2**31:
-            index = index.to(torch.int32)
-        return cls(index, values.contiguous(), vector.mask.shape)
-
-    def unpack(self) -> SparseVector:
-        mask = torch.zeros(self.shape, dtype=torch.bool, device=self.values.device)
-        mask.view(-1)[self.index.long()] = True
-        return SparseVector(mask, self.values)
+class PackedVector:
+    bits: Optional[torch.Tensor]  # support within the touched entries (None: all of them)
+    values: torch.Tensor  # at the support, narrowest exact dtype
+    recompute: bool  # values are the model's (vector = (values - base) * scale)
+    scale: Optional[float] = None
 
     @property
     def nbytes(self) -> int:
-        return self.index.numel() * self.index.element_size() + self.values.numel() * self.values.element_size()
+        return _nbytes(self.bits) + _nbytes(self.values)
 
-    def dense_nbytes(self) -> int:
-        return int(torch.Size(self.shape).numel()) * self.values.element_size()
-
-    def to(self, device) -> "IndexedSparse":
-        return IndexedSparse(self.index.to(device), self.values.to(device), self.shape)
+    def to(self, device) -> "PackedVector":
+        bits = None if self.bits is None else _move(self.bits, device)
+        return replace(self, bits=bits, values=_move(self.values, device))
 
 
-Stored = Union[torch.Tensor, IndexedSparse]
+@dataclass
+class Packed:
+    shape: torch.Size
+    dtype: torch.dtype  # the merge dtype (combine's base dtype and out_dtype)
+    count: int  # touched entries
+    touched: Optional[torch.Tensor]  # bits over all entries (None: all touched)
+    base: torch.Tensor  # at the touched entries
+    vectors: List[PackedVector] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+    @property
+    def base_nbytes(self) -> int:
+        return _nbytes(self.touched) + _nbytes(self.base)
+
+    @property
+    def vector_nbytes(self) -> int:
+        return sum(v.nbytes for v in self.vectors)
+
+    @property
+    def nbytes(self) -> int:
+        return self.base_nbytes + self.vector_nbytes
+
+    def touched_mask(self) -> Optional[torch.Tensor]:
+        """Flat bool mask of the touched entries (None: all)."""
+        return None if self.touched is None else unpack_bits(self.touched, self.numel)
+
+    def to(self, device) -> "Packed":
+        """On ``device``; ``"pinned"``: page-locked host memory (the offload mode, streamed
+        to the device at each swap; plain host memory where there is no CUDA)."""
+        touched = None if self.touched is None else _move(self.touched, device)
+        return replace(self, touched=touched, base=_move(self.base, device), vectors=[v.to(device) for v in self.vectors])
 
 
-def store(vector, base: Optional[torch.Tensor] = None) -> Stored:
-    """``base``: the tensor the vector is added to (lets zero entries be dropped)."""
+def _move(t: torch.Tensor, device) -> torch.Tensor:
+    if device == "pinned":
+        t = t.cpu()
+        return t.pin_memory() if torch.cuda.is_available() else t
+    return t.to(device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------- packing
+def _support(vector, base: torch.Tensor, negative_zero: torch.Tensor):
+    """(flat support, flat values to keep, recompute, scale) of one vector."""
+    if isinstance(vector, RecomputedVector):
+        model = vector.model.reshape(-1)
+        changed = (vector.values(base).reshape(-1) != 0) | negative_zero
+        mask = None if vector.mask is None else vector.mask.reshape(-1)
+        return (changed if mask is None else changed & mask), model, True, vector.scale
     if isinstance(vector, SparseVector):
-        return IndexedSparse.from_sparse(vector, base)
-    return vector.contiguous()
+        vector = MaskedVector(vector.mask, vector.dense())
+    if isinstance(vector, MaskedVector):
+        values = vector.values.reshape(-1)
+        return vector.mask.reshape(-1) & ((values != 0) | negative_zero), values, False, None
+    values = vector.reshape(-1)
+    return (values != 0) | negative_zero, values, False, None
 
 
-def nbytes(stored: Stored) -> int:
-    if isinstance(stored, IndexedSparse):
-        return stored.nbytes
-    return stored.numel() * stored.element_size()
+def pack(base: torch.Tensor, vectors: Sequence) -> Packed:
+    """Pack ``vectors`` (``RecomputedVector``, ``MaskedVector``, ``SparseVector`` or
+    dense tensors, all of ``base``'s shape) to be added to ``base`` (merge dtype)."""
+    flat = base.reshape(-1)
+    negative_zero = (flat == 0) & torch.signbit(flat)
+    parts = [_support(v, base, negative_zero) for v in vectors]
+    touched = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    for support, *_ in parts:
+        touched |= support
+    everything = bool(touched.all())
+    count = flat.numel() if everything else int(touched.sum())
+    packed_vectors = []
+    for support, values, recompute, scale in parts:
+        within = support if everything else support[touched]
+        whole = bool(within.all())
+        kept = values if everything and whole else values[support]
+        packed_vectors.append(PackedVector(None if whole else pack_bits(within), narrowest(kept.contiguous()),
+                                           recompute, scale))
+    return Packed(base.shape, base.dtype, count, None if everything else pack_bits(touched),
+                  narrowest((flat if everything else flat[touched]).contiguous()), packed_vectors)
 
 
-def dense_nbytes(stored: Stored) -> int:
-    if isinstance(stored, IndexedSparse):
-        return stored.dense_nbytes()
-    return stored.numel() * stored.element_size()
+# --------------------------------------------------------------------------- the swap
+def combine_packed(p: Packed, coefficients: Sequence[float]) -> torch.Tensor:
+    """``combine(base, vectors, coefficients, out_dtype=p.dtype)`` at the touched
+    entries (1-D, row-major), bit for bit."""
+    if len(p.vectors) != len(coefficients):
+        raise ValueError(f"{len(p.vectors)} vectors but {len(coefficients)} coefficients")
+    work = torch.float64 if p.dtype == torch.float64 else torch.float32
+    base = p.base.to(work)
+    acc = base.clone()
+    for vector, coefficient in zip(p.vectors, coefficients):
+        if not vector.values.numel():
+            continue
+        # positions within the touched entries (index ops: several times faster than boolean indexing on CPU)
+        index = None if vector.bits is None else unpack_bits(vector.bits, p.count).nonzero().squeeze(1)
+        values = vector.values.to(work)
+        if vector.recompute:
+            values = values - (base if index is None else base.index_select(0, index))
+            if vector.scale is not None:
+                values = values * vector.scale
+        values = values * float(coefficient)
+        if index is None:
+            acc += values
+        else:  # one add per (distinct) position: acc + values, as combine does
+            acc.index_add_(0, index, values)
+    return acc.to(p.dtype)
 
 
-def combine_stored(
-    base: torch.Tensor,
-    vectors: Sequence[Stored],
-    coefficients: Sequence[float],
-    out_dtype: Optional[torch.dtype] = None,
-) -> torch.Tensor:
-    """``combine(base, [unpacked vectors], coefficients, out_dtype)``, bit for bit:
-    float32 work (float64 for a float64 base), one multiply and one add per kept
-    entry, vectors in order, rounded once."""
-    if len(vectors) != len(coefficients):
-        raise ValueError(f"{len(vectors)} vectors but {len(coefficients)} coefficients")
-    work = torch.float64 if base.dtype == torch.float64 else torch.float32
-    acc = base.to(work, copy=True)
-    flat = acc.view(-1)
-    for vector, coefficient in zip(vectors, coefficients):
-        c = float(coefficient)
-        if isinstance(vector, IndexedSparse):
-            if vector.values.numel():
-                flat.index_add_(0, vector.index, vector.values.to(work) * c)
-        else:
-            acc += vector.to(work) * c
-    return acc.to(out_dtype or base.dtype)
+def scatter(p: Packed, merged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write ``merged`` (from :func:`combine_packed`, cast as wanted) into ``out``
+    (``p.shape``, contiguous) at the touched entries."""
+    flat = out.view(-1)
+    mask = p.touched_mask()
+    if mask is None:
+        flat.copy_(merged)
+    else:
+        flat.masked_scatter_(mask, merged.to(flat.dtype))
+    return out
+
+
+def merge_dense(p: Packed, coefficients: Sequence[float], full_base: torch.Tensor) -> torch.Tensor:
+    """The whole merged tensor (merge dtype): ``full_base`` (the base, any dtype that
+    holds it exactly) with the touched entries recombined."""
+    out = full_base.to(p.dtype, copy=True).contiguous()
+    return scatter(p, combine_packed(p, coefficients), out)

@@ -6,10 +6,14 @@ A swap, serialized by a lock:
      admitted ones finish (``drain``) or are aborted (``"drain": false``);
   3. pause the engine's scheduler (``pause_generation``; ``wait`` or ``abort`` mode,
      which also clears the KV/prefix caches), so nothing else runs on the weights;
-  4. ``hotswap_set`` on every worker through ``collective_rpc``; reset the prefix
-     cache; tag the engine's outputs with the new version (``update_weight_version``,
+  4. ``hotswap_set`` on every worker of every data-parallel replica
+     (:func:`rpc_every_replica`), which must all report the same new worker version;
+     reset the prefix cache; tag the engine's outputs with the new version (``update_weight_version``,
      reported per token by ``/inference/v1/generate``);
   5. resume the engine, reopen the gate under the new version.
+Under ``--data-parallel-size N`` the one API server holds the gate for all N
+replicas and vLLM's engine client pauses and resumes all of them, so no request
+runs on a replica still holding the old weights.
 Input is validated here first (names, finite numbers, ranges), so the workers see
 only valid coefficients; a worker failure is reported as a 500 and the version is
 not bumped.
@@ -52,6 +56,28 @@ def first_result(results):
     if any(state != states[0] for state in states[1:]):
         raise RuntimeError(f"workers disagree on the merge: {states}")
     return results[0]
+
+
+async def rpc_every_replica(engine_client, method: str, args: tuple = ()) -> list:
+    """One result per worker of every engine (data-parallel replica, then its ranks).
+
+    Under data parallelism vLLM's ``collective_rpc`` reaches every engine but returns
+    engine 0's results only; its core client's ``call_utility_all_async`` (vLLM
+    0.32) returns each engine's, so a replica that did not swap cannot go unseen.
+    A vLLM without it gets ``collective_rpc``, which still reaches every engine."""
+    call_all = getattr(getattr(engine_client, "engine_core", None), "call_utility_all_async", None)
+    if call_all is None:
+        return await engine_client.collective_rpc(method, args=args)
+    per_engine = await call_all("collective_rpc", method, None, args, None)
+    return [result for results in per_engine for result in (results if isinstance(results, list) else [results])]
+
+
+def same_version(reports: list) -> int | None:
+    """The worker version every ``hotswap_set`` reply reports (they must agree)."""
+    versions = {r.get("version") for r in reports if isinstance(r, dict)}
+    if len(versions) > 1:
+        raise RuntimeError(f"workers report different merge versions after a swap: {sorted(versions)}")
+    return next(iter(versions), None)
 
 
 def parse_state(state: dict) -> tuple[str, list[str], list[float]]:
@@ -112,15 +138,13 @@ def parse_swap_request(body, names: list[str], current: list[float]) -> tuple[li
 
 
 def check_method_values(method: str | None, names: list[str], values: list[float]) -> None:
-    """Method-specific ranges (the same checks as the merge math)."""
-    if method == "reasoning_interp":
-        from mergekit_rlvr.methods.reasoning_interp import check_alpha
+    """The hot swap's one coefficient validator (float32 range, method ranges)."""
+    from vllm_plugins.rpc import check_values
 
-        for name, value in zip(names, values):  # alpha, or alpha@group per module group
-            try:
-                check_alpha(value)
-            except ValueError as error:
-                raise MergeRequestError(400, f"coefficient {name!r}: {error}") from None
+    try:
+        check_values(method, names, values)
+    except ValueError as error:
+        raise MergeRequestError(400, str(error)) from None
 
 
 def _number(name: str, value) -> float:
@@ -149,6 +173,7 @@ class MergeController:
         self.values: list[float] = []
         self.version = gate.version
         self.recipe: str | None = None
+        self.workers = 0  # every worker of every data-parallel replica
         self._lock = asyncio.Lock()
 
     @property
@@ -165,21 +190,23 @@ class MergeController:
     async def load(self, spec: dict, recipe: str | None = None) -> dict:
         """Load a recipe into every worker (applies its coefficients) as version 0."""
         started = time.perf_counter()
-        state = first_result(await self.engine.collective_rpc("hotswap_load", args=(spec,)))
+        results = await rpc_every_replica(self.engine, "hotswap_load", (spec,))
+        state = first_result(results)
         self.method, self.names, self.values = parse_state(state)
+        self.workers = len(results) if isinstance(results, list) else 1
         self.recipe = recipe
         await self.engine.reset_prefix_cache()
         await self.engine.update_weight_version(str(self.version))
         logger.info(
-            "mergekit_rlvr: serving %s merge %s (version %d) loaded in %.2f s",
-            self.method, self.describe()["coefficients"], self.version, time.perf_counter() - started,
+            "mergekit_rlvr: serving %s merge %s (version %d) loaded on %d workers in %.2f s",
+            self.method, self.describe()["coefficients"], self.version, self.workers, time.perf_counter() - started,
         )
         return state
 
     async def attach(self) -> bool:
         """Adopt a merge already loaded in the workers (no recipe given to the server)."""
         try:
-            state = first_result(await self.engine.collective_rpc("hotswap_state"))
+            state = first_result(await rpc_every_replica(self.engine, "hotswap_state"))
         except Exception as error:  # no worker extension, or nothing loaded yet
             logger.warning("mergekit_rlvr: no hot-swap state in the workers (%s)", _worker_error(error))
             return False
@@ -208,7 +235,10 @@ class MergeController:
                     await self.engine.pause_generation(mode="wait" if drain else "abort", clear_cache=True)
                     try:
                         try:
-                            reports = await self.engine.collective_rpc("hotswap_set", args=(values,))
+                            reports = await rpc_every_replica(self.engine, "hotswap_set", (values,))
+                            same_version(reports)
+                            if self.workers and len(reports) != self.workers:
+                                raise RuntimeError(f"{len(reports)} of {self.workers} workers answered the swap")
                         except Exception as error:
                             # Input was validated above, so this is unexpected: report it
                             # (one line) and log what the workers now hold.
@@ -237,7 +267,7 @@ class MergeController:
 
     async def _resync(self) -> None:
         try:
-            state = first_result(await self.engine.collective_rpc("hotswap_state"))
+            state = first_result(await rpc_every_replica(self.engine, "hotswap_state"))
             _, _, values = parse_state(state)
             if values != self.values:
                 logger.error("mergekit_rlvr: workers report %s after a rejected swap, expected %s",

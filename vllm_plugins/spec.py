@@ -5,9 +5,9 @@ Used by :class:`vllm_plugins.hotswap.HotSwapLLM` and by the serving endpoint.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
-PATHS = ("auto", "reload")
+from vllm_plugins.rpc import PATHS, LoadRequest
 
 
 def load_spec(
@@ -16,7 +16,9 @@ def load_spec(
     paths: str = "auto",
     trust_remote_code: bool = False,
     models: Optional[Mapping[str, str]] = None,
-) -> Dict[str, Any]:
+    offload: bool = False,
+    prepared: Optional[bytes] = None,
+) -> LoadRequest:
     """``recipe``: a path or a dict; model strings become local directories (absolute
     paths, hub ids' snapshots in the Hugging Face cache) so that worker processes read
     the same files whatever their working directory, without the Hub.
@@ -37,4 +39,7 @@ def load_spec(
         "coefficients": None if coefficients is None else [float(c) for c in coefficients],
         "paths": paths,
         "trust_remote_code": bool(trust_remote_code),
+        "offload": bool(offload),
+        # the driver's pre-pass (Decomposition.prepared_state): workers do not read every checkpoint again
+        "prepared": prepared,
     }

@@ -21,7 +21,7 @@ def eval_command(recipe, tasks, settings, include_path, limit, out_path):
     import json
 
     from mergekit_rlvr.eval import parse_setting, run_eval, score_table
-    from mergekit_rlvr.search.report import write_atomic
+    from mergekit_rlvr.io.atomic import write_atomic
 
     rows = run_eval(recipe, [t.strip() for t in tasks.split(",") if t.strip()],
                     [parse_setting(s) for s in settings], include_path=include_path, limit=limit)

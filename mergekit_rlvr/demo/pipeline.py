@@ -15,9 +15,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import yaml
+
+from mergekit_rlvr.io.atomic import write_atomic
 
 BIN = Path(sys.executable).parent
 #: vLLM's engine core in the calling process (a documented vLLM switch): a toy engine
@@ -64,9 +66,7 @@ def search_recipe(paths: Dict[str, str], trials: int, samples: int, engine: dict
 
 
 def write_yaml(path: Path, data: dict) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(str(path), yaml.safe_dump(data, sort_keys=False).encode())
     return path
 
 
@@ -149,23 +149,20 @@ def plot(summary: dict, search_dir: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def run_demo(out: Path, family_dir: Path, trials: int, n_queries: int, samples: int, seed: int = 0) -> dict:
-    from mergekit_rlvr.toy.evaluate import vllm_kwargs
+def _family(family_dir: Path, timings: dict):
     from mergekit_rlvr.toy.family import build_family
-
-    t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    timings = {}
 
     say(f"1/7 toy family in {family_dir} (trained once, then reused)")
     started = time.perf_counter()
     family = build_family(str(family_dir), log=lambda m: print("  " + m, flush=True))
     timings["family_s"] = time.perf_counter() - started
-    paths = family.paths
     updates = family.info.get("updates", {})
     if updates:
         print(f"  ||tau_sft|| / ||tau_rl|| = {updates.get('norm_ratio_sft_over_rl', float('nan')):.1f}")
+    return family, updates
 
+
+def _analyze(out: Path, paths: Dict[str, str], timings: dict) -> None:
     say("2/7 analyze the task vectors (streaming, all the papers' measurements)")
     analysis = out / "analysis"
     timings["analyze_s"] = run(cli("analyze", "--base", paths["base"], paths["sft"], paths["rl"], "--out", analysis,
@@ -175,25 +172,22 @@ def run_demo(out: Path, family_dir: Path, trials: int, n_queries: int, samples: 
     for line in findings:
         print("  " + line)
 
-    engine = vllm_kwargs(paths["base"])
-    print(f"  engines of select-queries, search and serve: kv_cache_memory_bytes="
-          f"{engine['kv_cache_memory_bytes']} ({engine['max_num_seqs']} sequences x {engine['max_model_len']} "
-          "tokens; never a fraction of RAM)", flush=True)
-    recipe = write_yaml(out / "recipe.yml", search_recipe(paths, trials, samples, engine, seed))
-    pool = Path(family_dir) / "data" / "pool.jsonl"
 
+def _select(out: Path, recipe: Path, pool: Path, n_queries: int, samples: int, seed: int, timings: dict) -> Path:
     say(f"3/7 difficulty-aware query selection: {n_queries} of {sum(1 for _ in open(pool))} unlabeled prompts")
     queries = out / "queries.jsonl"
-    timings["select_s"] = run(cli("select-queries", recipe, "--pool", pool, "--out", queries, "-n", n_queries,
-                                  "--samples", samples, "--seed", seed), "select-queries", IN_PROCESS_ENGINE)
+    command = cli("select-queries", recipe, "--pool", pool, "--out", queries, "-n", n_queries,
+                  "--samples", samples, "--seed", seed)
+    timings["select_s"] = run(command, "select-queries", IN_PROCESS_ENGINE)
     kept = sum(1 for line in open(queries) if line.strip())
     if kept < n_queries // 2:
         print(f"  only {kept} queries passed the difficulty threshold 1 - 1/{samples} = {1 - 1 / samples:.3f}; "
               "selecting again without it")
-        timings["select_s"] += run(cli("select-queries", recipe, "--pool", pool, "--out", queries, "-n", n_queries,
-                                       "--samples", samples, "--seed", seed, "--threshold", "1.0"), "select-queries",
-                                   IN_PROCESS_ENGINE)
+        timings["select_s"] += run(command + ["--threshold", "1.0"], "select-queries", IN_PROCESS_ENGINE)
+    return queries
 
+
+def _search(out: Path, recipe: Path, queries: Path, trials: int, timings: dict):
     say(f"4/7 coefficient search: {trials} trials on one hot-swapped engine (no checkpoint written per trial)")
     search_dir = out / "search"
     shutil.rmtree(search_dir, ignore_errors=True)  # a fresh study each run (the family is what is cached)
@@ -208,10 +202,13 @@ def run_demo(out: Path, family_dir: Path, trials: int, n_queries: int, samples: 
     shutil.rmtree(merged, ignore_errors=True)
     timings["materialize_s"] = run([BIN / "mergekit-yaml", search_dir / "best.yml", merged, "--quiet"],
                                    "mergekit-yaml")
+    return search_dir, search, merged
 
-    say("6/7 serve best.yml, one completion, one live coefficient change, stop")
+
+def _serve(out: Path, family, search_dir: Path, selected: Dict[str, float], engine: dict, timings: dict) -> dict:
     from mergekit_rlvr.demo.serve_roundtrip import roundtrip
 
+    say("6/7 serve best.yml, one completion, one live coefficient change, stop")
     prompt = family.eval_sets[next(iter(family.eval_sets))][0].prompt
     other = {k: round(2.0 - v, 3) for k, v in selected.items()}
     serve_args = ["--dtype", engine["dtype"], "--max-model-len", str(engine["max_model_len"]),
@@ -222,14 +219,14 @@ def run_demo(out: Path, family_dir: Path, trials: int, n_queries: int, samples: 
     print(f"  v{served['before']['version']} {served['before']['text']!r}")
     print(f"  swap to {other}: {served['swap']['seconds'] * 1000:.0f} ms")
     print(f"  v{served['after']['version']} {served['after']['text']!r}")
+    return served
 
-    say("7/7 held-out accuracy (greedy) of base, sft, rl and the merge")
-    accuracy, engine_start_s = evaluate_all(paths, family.eval_sets, str(merged))
 
+def _summary(accuracy, engine_start_s, search, served, family, updates, family_dir, seed, timings, t0) -> dict:
     summary = {
         "accuracy": {name: round(r["union"], 4) for name, r in accuracy.items()},
         "accuracy_by_task": {name: {k: round(v, 4) for k, v in r.items()} for name, r in accuracy.items()},
-        "coefficients": selected,
+        "coefficients": search["selected"]["coefficients"],
         "swap_ms": round(served["swap"]["seconds"] * 1000, 1),
         "worker_swap_ms": None if served["swap"].get("worker_seconds") is None
         else round(served["swap"]["worker_seconds"] * 1000, 1),
@@ -245,9 +242,32 @@ def run_demo(out: Path, family_dir: Path, trials: int, n_queries: int, samples: 
     }
     summary["merged_beats_both_parents"] = (
         summary["accuracy"]["merged"] > max(summary["accuracy"]["sft"], summary["accuracy"]["rl"]))
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / "summary.json")
+    return summary
+
+
+def run_demo(out: Path, family_dir: Path, trials: int, n_queries: int, samples: int, seed: int = 0) -> dict:
+    from mergekit_rlvr.toy.evaluate import vllm_kwargs
+
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    timings: Dict[str, float] = {}
+    family, updates = _family(family_dir, timings)
+    paths = family.paths
+    _analyze(out, paths, timings)
+
+    engine = vllm_kwargs(paths["base"])
+    print(f"  engines of select-queries, search and serve: kv_cache_memory_bytes="
+          f"{engine['kv_cache_memory_bytes']} ({engine['max_num_seqs']} sequences x {engine['max_model_len']} "
+          "tokens; never a fraction of RAM)", flush=True)
+    recipe = write_yaml(out / "recipe.yml", search_recipe(paths, trials, samples, engine, seed))
+    queries = _select(out, recipe, Path(family_dir) / "data" / "pool.jsonl", n_queries, samples, seed, timings)
+    search_dir, search, merged = _search(out, recipe, queries, trials, timings)
+    served = _serve(out, family, search_dir, search["selected"]["coefficients"], engine, timings)
+
+    say("7/7 held-out accuracy (greedy) of base, sft, rl and the merge")
+    accuracy, engine_start_s = evaluate_all(paths, family.eval_sets, str(merged))
+    summary = _summary(accuracy, engine_start_s, search, served, family, updates, family_dir, seed, timings, t0)
+    write_atomic(str(out / "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
     plot(summary, search_dir, out / "summary.png")
     return summary
 

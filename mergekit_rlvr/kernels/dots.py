@@ -29,6 +29,8 @@ from mergekit_rlvr.methods.dots_global import dots_global_stats
 
 
 class DotsMerge(PreparedMergeMethod):
+    #: the parameter a hot-swap coefficient sets (mergekit_rlvr.kernels.coefficients)
+    coefficient = "weight"
     spec = MergeMethodSpec(
         name="dots",
         pretty_name="DoTS (sparsified, norm-rescaled task vectors)",

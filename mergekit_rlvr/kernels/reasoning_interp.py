@@ -17,6 +17,8 @@ from mergekit_rlvr.methods.reasoning_interp import DEFAULT_ALPHA, check_alpha, i
 
 
 class ReasoningInterpMerge(PreparedMergeMethod):
+    #: the parameter a hot-swap coefficient sets (mergekit_rlvr.kernels.coefficients)
+    coefficient = "alpha"
     spec = MergeMethodSpec(
         name="reasoning_interp",
         pretty_name="Reasoning interpolation (reasoning model and its SFT variant)",

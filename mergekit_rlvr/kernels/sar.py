@@ -29,6 +29,8 @@ LOG = logging.getLogger(__name__)
 
 
 class SarMerge(PreparedMergeMethod):
+    #: the parameter a hot-swap coefficient sets (mergekit_rlvr.kernels.coefficients)
+    coefficient = "scale"
     spec = MergeMethodSpec(
         name="sar",
         pretty_name="SAR-Merging (Fisher-arbitrated conflicts, DARE on the low private half)",

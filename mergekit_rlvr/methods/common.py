@@ -53,7 +53,28 @@ class MaskedVector:
         return torch.where(self.mask, self.values, torch.zeros((), dtype=self.values.dtype, device=self.values.device))
 
 
-Vector = Union[torch.Tensor, SparseVector, MaskedVector]
+@dataclass(frozen=True)
+class RecomputedVector:
+    """``v = (model - base) * scale`` under ``mask``, kept as the model's own values:
+    the task vector is recomputed (``task_vector``, then one multiply by ``scale``)
+    from the base it is added to, so the result is bit for bit the kernels'
+    ``tau * gamma`` (dots) or ``tau * lambda`` (task_arithmetic) or ``tau``
+    (reasoning_interp, ``scale`` None). ``mask`` None: every entry."""
+
+    model: torch.Tensor  # the base's shape and merge dtype
+    mask: Optional[torch.Tensor] = None  # bool, the weight's shape
+    scale: Optional[float] = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.model.shape
+
+    def values(self, base: torch.Tensor) -> torch.Tensor:
+        tau = task_vector(self.model, base)
+        return tau * self.scale if self.scale is not None else tau
+
+
+Vector = Union[torch.Tensor, SparseVector, MaskedVector, RecomputedVector]
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
@@ -107,6 +128,9 @@ def combine(
                 acc[vector.mask] += vector.values.to(work) * c
         elif isinstance(vector, MaskedVector):
             acc = torch.where(vector.mask, acc + vector.values.to(work) * c, acc)
+        elif isinstance(vector, RecomputedVector):
+            values = vector.values(base).to(work) * c
+            acc = acc + values if vector.mask is None else torch.where(vector.mask, acc + values, acc)
         else:
             acc += vector.to(work) * c
     return acc.to(out_dtype or base.dtype)

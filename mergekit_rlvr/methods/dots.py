@@ -94,7 +94,16 @@ def sparsify(tau: torch.Tensor, threshold: float) -> Tuple[torch.Tensor, torch.T
 def squared_norms(tau: torch.Tensor, mask: torch.Tensor) -> Tuple[float, float]:
     """(||tau||^2, ||tau[mask]||^2): the squares of float32/bfloat16 entries are
     exact in float64 and summed in float64 (one widening and a dot product, about
-    half the cost of vector_norm)."""
+    half the cost of vector_norm).
+
+    Always summed on the CPU: a sum's rounding depends on its order, which differs
+    between devices, and gamma must be the same bits wherever the merge runs
+    (``mergekit-yaml --cuda`` equals the CPU merge). Under the default
+    ``rescale: global`` these norms come from the pre-pass, which reads the
+    checkpoints on the CPU anyway; only ``rescale: tensor`` copies a device
+    tensor here."""
+    if tau.device.type != "cpu":
+        tau, mask = tau.cpu(), mask.cpu()
     wide = tau.detach().reshape(-1).double()
     kept = wide[mask.reshape(-1)]
     return float(torch.dot(wide, wide)), float(torch.dot(kept, kept))

@@ -12,6 +12,7 @@ Without Fisher values the sensitivity is |delta| (keep the larger update).
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from typing import Optional, Sequence
@@ -49,7 +50,9 @@ def resolve_conflicts(
 ) -> torch.Tensor:
     """Eq. 14 (generalized to any number of models)."""
     stacked = torch.stack(list(deltas))
-    summed = stacked.sum(0)
+    # a left fold, not stacked.sum(0): the same additions in the same order on every
+    # device (a device's reduction may associate three or more terms differently)
+    summed = functools.reduce(torch.add, deltas[1:], deltas[0])
     conflict = (stacked > 0).any(0) & (stacked < 0).any(0)
     if not bool(conflict.any()):
         return summed

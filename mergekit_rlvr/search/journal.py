@@ -11,7 +11,8 @@ a fraction of the grace period (NTP). Where the installed Optuna's JournalStorag
 its own heartbeat, that one is used instead.
 
 This is the one module that touches ``optuna.storages._heartbeat`` (the base class
-Optuna's own storages use for the heartbeat).
+Optuna's own storages use for the heartbeat, and the heartbeat thread that
+``study.optimize`` runs around each trial, run here around an ask/tell trial).
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ def _heartbeat_class():
             return self._beat_callback
 
     return HeartbeatJournalStorage
+
+
+def trial_heartbeat(study, trial):
+    """The heartbeat thread ``study.optimize`` runs around each trial (a context
+    manager; nothing where the storage has no heartbeat), for an ask/tell trial."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    return get_heartbeat_thread(trial._trial_id, study._storage)
 
 
 def open_journal(path: str, heartbeat_interval: int, grace_period: int, retry: bool):

@@ -19,7 +19,8 @@ import math
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
-from mergekit_rlvr.search.objectives import Measurement, build_prompt, render_messages, sampling_params
+from mergekit_rlvr.search.measurement import Measurement
+from mergekit_rlvr.search.prompts import build_prompt, render_messages, sampling_params
 from mergekit_rlvr.search.queries import Query
 from mergekit_rlvr.search.settings import SearchSettings
 

@@ -1,6 +1,6 @@
 """The files a search leaves in its output directory, each written atomically
 (temporary name in the same directory, then rename): trials.csv, summary.json,
-best.yml and PNG plots."""
+best.yml and PNG plots (``mergekit_rlvr.io.atomic.write_atomic``)."""
 
 from __future__ import annotations
 
@@ -9,25 +9,11 @@ import io
 import json
 import math
 import os
-import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from mergekit_rlvr.io.atomic import write_atomic
+
 TIMING_COLUMNS = ("wall_s", "swap_s", "generate_s", "score_s")
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def trials_csv(rows: Sequence[Mapping[str, Any]], coefficients: Sequence[str], objectives: Sequence[str],
@@ -107,9 +93,10 @@ def pareto_png(rows, front, selected) -> bytes:
 
 
 def objectives_png(rows, coefficients: Sequence[str], objectives: Sequence[str], selected,
-                   rho_min: Optional[float] = None) -> bytes:
+                   threshold: Optional[float] = None, connect: bool = False) -> bytes:
     """A panel per (objective, coefficient): the objective against that coefficient
-    (at most five panels a row; per-group coefficients make many)."""
+    (at most five panels a row; per-group coefficients make many). ``connect``: a line
+    through the points (a one-dimensional search); ``threshold``: a dashed level."""
     done = [r for r in rows if r["state"] == "COMPLETE"]
     columns = min(len(coefficients), 5)
     per_objective = -(-len(coefficients) // columns)
@@ -122,13 +109,13 @@ def objectives_png(rows, coefficients: Sequence[str], objectives: Sequence[str],
         for j, name in enumerate(coefficients):
             ax = axes.flat[i * block + j]
             points = sorted((r[name], r[objective]) for r in done)
-            style = "o-" if objective == "reasoning_rate" else "o"
+            style = "o-" if connect else "o"
             ax.plot([p[0] for p in points], [p[1] for p in points], style, ms=4, c="tab:blue")
             if selected is not None and name in selected and objective in selected and \
                     isinstance(selected[objective], float) and math.isfinite(selected[objective]):
                 ax.scatter([selected[name]], [selected[objective]], marker="*", s=200, c="tab:red", zorder=5)
-            if rho_min is not None and objective == "reasoning_rate":
-                ax.axhline(rho_min, ls="--", c="0.5", lw=1)
+            if threshold is not None:
+                ax.axhline(threshold, ls="--", c="0.5", lw=1)
             ax.set_xlabel(_short(name))
             ax.set_ylabel(objective)
     fig.tight_layout()

@@ -4,10 +4,11 @@ same report whichever worker (or ``search --report-only``) writes it."""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+import math
+from typing import Any, Dict, Sequence
 
 from mergekit_rlvr.search import report as rpt
-from mergekit_rlvr.search.selection import excluded, largest_alpha, select_dots
+from mergekit_rlvr.search.objective import objective_of
 from mergekit_rlvr.search.settings import SearchSettings
 from mergekit_rlvr.search.storage import public_url
 
@@ -25,31 +26,11 @@ def summarize(rows, settings: SearchSettings, searched, names, fixed, objectives
     summary: Dict[str, Any] = {"objective": settings.objective, "searched": list(searched),
                                "storage": public_url(url), "study_name": study_name,
                                "finished_trials": len(rows), "complete_trials": len(complete)}
-    if settings.objective == "dots":
-        summary["excluded_non_finite"] = excluded(complete)  # never selected, never on the front
-        if complete and summary["excluded_non_finite"] < len(complete):
-            selected, front = select_dots(complete, settings.select)
-            summary["selected"] = {**entry(selected), "rule": settings.select}
-            summary["pareto_front"] = [entry(r) for r in front]
-        else:
-            summary["selected"], summary["pareto_front"] = None, []
-    else:
-        name = searched[0]
-        best = largest_alpha(complete, settings.rho_min, name, fallback=settings.bounds[0])
-        if best["number"] >= 0:
-            summary["selected"] = {**entry(best), "rule": f"largest {name} with reasoning_rate >= {settings.rho_min}"}
-        else:
-            coefficients = dict(fixed)
-            coefficients[name] = settings.bounds[0]
-            summary["selected"] = {"trial": None, "coefficients": coefficients,
-                                   "objectives": {"reasoning_rate": None},
-                                   "rule": f"no evaluated {name} reached {settings.rho_min}: the lower bound"}
-        summary["evaluated"] = sorted(([r[name], r["reasoning_rate"]] for r in complete), key=lambda p: p[0])
+    summary.update(objective_of(settings).summarize(complete, settings, searched, fixed, entry))
     summary["settings"] = settings.to_dict()
     if summary["settings"].get("storage"):
         summary["settings"]["storage"] = public_url(summary["settings"]["storage"])
     return summary
-
 
 
 def report_files(recipe, rows, summary, settings: SearchSettings, searched, names, objectives) -> Dict[str, bytes]:
@@ -63,9 +44,12 @@ def report_files(recipe, rows, summary, settings: SearchSettings, searched, name
     if complete:
         sel_row = None if selected is None else {**selected["coefficients"], **selected["objectives"],
                                                  "number": selected["trial"]}
-        if settings.objective == "dots":
-            front = [r for r in rows if r["number"] in {p["trial"] for p in summary["pareto_front"]}]
-            files["pareto.png"] = rpt.pareto_png(rows, front, sel_row)
-        files["objectives.png"] = rpt.objectives_png(
-            rows, searched, objectives, sel_row, settings.rho_min if settings.objective == "reasoning_rate" else None)
+        files.update(objective_of(settings).plots(rows, summary, sel_row, settings, searched))
     return files
+
+
+def timing_totals(rows: Sequence[Dict[str, Any]]) -> Dict[str, float]:
+    """Sums over every finished trial of the study (summary.json's timings)."""
+    return {out: sum(r[key] for r in rows if math.isfinite(r[key]))
+            for out, key in (("trial_wall_s", "wall_s"), ("generate_s", "generate_s"), ("score_s", "score_s"),
+                             ("swap_s", "swap_s"))}

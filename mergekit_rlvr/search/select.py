@@ -56,6 +56,18 @@ def default_threshold(samples: int) -> float:
     return 1.0 - 1.0 / samples
 
 
+def _checked_threshold(n: int, samples: int, threshold: Optional[float]) -> float:
+    """The numbers given on the command line, checked; the threshold in use."""
+    if n < 1:
+        raise UserError(f"-n must be at least 1, got {n}")
+    if samples < 1:
+        raise UserError(f"--samples must be at least 1, got {samples}")
+    threshold = default_threshold(samples) if threshold is None else float(threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold must be in [0, 1], got {threshold}")
+    return threshold
+
+
 def run_select_queries(
     recipe_path: str,
     pool_path: str,
@@ -77,20 +89,14 @@ def run_select_queries(
     (:func:`mergekit_rlvr.search.queries.select_queries`). Writes JSONL rows (the
     input row plus ``difficulty``, ``consistency`` per source, ``split``)."""
     from mergekit_rlvr.decompose import load_recipe
-    from mergekit_rlvr.search import report as rpt
+    from mergekit_rlvr.io.atomic import write_atomic
     from mergekit_rlvr.search.engine import close_engine
     from mergekit_rlvr.search.engine import open_engine as open_hotswap
     from mergekit_rlvr.search.queries import difficulty, load_queries, select_queries
     from mergekit_rlvr.search.runner import recipe_coefficients
     from mergekit_rlvr.search.settings import load_settings
 
-    if n < 1:
-        raise UserError(f"-n must be at least 1, got {n}")
-    if samples < 1:
-        raise UserError(f"--samples must be at least 1, got {samples}")
-    threshold = default_threshold(samples) if threshold is None else float(threshold)
-    if not 0.0 <= threshold <= 1.0:
-        raise UserError(f"--threshold must be in [0, 1], got {threshold}")
+    threshold = _checked_threshold(n, samples, threshold)
     recipe = load_recipe(recipe_path)
     if recipe.get("merge_method") not in ("dots", "task_arithmetic"):
         raise UserError(f"recipe {recipe_path}: select-queries needs one coefficient per source model"
@@ -116,7 +122,7 @@ def run_select_queries(
         row.update({"difficulty": pick.difficulty, "split": pick.split, "pool_index": pick.index,
                     "consistency": {name: per_source[name][pick.index] for name in names}})
         lines.append(json.dumps(row, ensure_ascii=False))
-    rpt.write_atomic(out_path, ("\n".join(lines) + ("\n" if lines else "")).encode())
+    write_atomic(out_path, ("\n".join(lines) + ("\n" if lines else "")).encode())
     return {"pool": len(pool), "kept": sum(1 for d in scores if d <= threshold + 1e-9), "selected": len(chosen),
             "threshold": threshold, "sources": sources, "strategy": strategy, "out": out_path}
 
@@ -125,7 +131,8 @@ def _score_sources(engine, names: List[str], pool, settings) -> Dict[str, List[f
     """C(x) of every pool query on each source alone (its coefficient 1, the others 0)."""
     from tqdm import tqdm
 
-    from mergekit_rlvr.search.objectives import query_consistencies, query_prompts
+    from mergekit_rlvr.search.dots import query_consistencies
+    from mergekit_rlvr.search.prompts import query_prompts
 
     tokenizer = engine.get_tokenizer()
     prompts = query_prompts(tokenizer, pool, settings)

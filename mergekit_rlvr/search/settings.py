@@ -18,7 +18,6 @@ from mergekit_rlvr.errors import UserError
 #: the DoTS authors' instruction appended to each question (their build_reasoning_prompt)
 DEFAULT_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
-OBJECTIVES = ("dots", "reasoning_rate")
 SAMPLERS = ("tpe", "nsga2", "random")
 PERPLEXITY = ("prompt", "response")
 SELECT = ("max_consistency", "knee")
@@ -86,9 +85,6 @@ class SearchSettings:
         return out
 
 
-_REASONING_DEFAULTS = {"bounds": (0.0, 1.0), "samples": 1, "max_tokens": 1024}
-
-
 def _fail(key: str, message: str):
     raise UserError(f"search.{key}: {message}")
 
@@ -141,8 +137,10 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 def _check(s: SearchSettings) -> SearchSettings:
+    from mergekit_rlvr.search.objective import OBJECTIVES
+
     for key, allowed in (
-        ("objective", OBJECTIVES), ("sampler", SAMPLERS), ("perplexity", PERPLEXITY),
+        ("objective", tuple(OBJECTIVES)), ("sampler", SAMPLERS), ("perplexity", PERPLEXITY),
         ("select", SELECT), ("consistency", CONSISTENCY), ("prompt_format", PROMPT_FORMATS),
         ("strategy", STRATEGIES), ("detect", DETECT),
     ):
@@ -169,7 +167,8 @@ def load_settings(
     block: Optional[Dict[str, Any]], overrides: Optional[Dict[str, Any]] = None, merge_method: str = ""
 ) -> SearchSettings:
     """Settings from a recipe's ``search:`` block, then ``overrides`` (flags) on top.
-    The objective defaults to reasoning_rate for reasoning_interp recipes."""
+    The objective defaults to reasoning_rate for reasoning_interp recipes
+    (``mergekit_rlvr.search.objective``), whose defaults it then applies."""
     block = dict(block or {})
     if not isinstance(block, dict):
         raise UserError(f"search: expected a mapping, got {block!r}")
@@ -178,10 +177,12 @@ def load_settings(
     unknown = sorted(set(merged) - set(known))
     if unknown:
         raise UserError(f"search.{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})")
-    objective = merged.get("objective") or ("reasoning_rate" if merge_method == "reasoning_interp" else "dots")
+    from mergekit_rlvr.search.objective import OBJECTIVES, default_objective
+
+    objective = merged.get("objective") or default_objective(merge_method)
     settings = SearchSettings(objective=objective)
-    if objective == "reasoning_rate":
-        for key, value in _REASONING_DEFAULTS.items():
+    if objective in OBJECTIVES:  # else refused by _check below
+        for key, value in OBJECTIVES[objective].defaults.items():
             setattr(settings, key, value)
     for key, value in merged.items():
         if key == "objective":

@@ -48,31 +48,6 @@ def journal_path(url: str) -> str:
     return path
 
 
-_SQLITE_TUNED = False
-
-
-def _tune_sqlite() -> None:
-    """WAL journal and synchronous=NORMAL on our sqlite connections: a commit no
-    longer waits for fsync (about 5x faster trials' bookkeeping here), and a killed
-    process still loses nothing committed (only a power cut could). Processes on one
-    host share the file; across machines use a database server URL."""
-    global _SQLITE_TUNED
-    if _SQLITE_TUNED:
-        return
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
-    @event.listens_for(Engine, "connect")
-    def _pragmas(connection, record):  # noqa: ARG001
-        if type(connection).__module__.startswith("sqlite3"):
-            cursor = connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-
-    _SQLITE_TUNED = True
-
-
 def heartbeat_kwargs(cls, interval: int, grace: int, retry: bool) -> dict:
     """Optuna's heartbeat arguments for ``cls`` (the callback's name changed in 4.9)."""
     from optuna.storages import RetryFailedTrialCallback
@@ -91,8 +66,10 @@ def _open_rdb(url: str, interval: int, grace: int, retry: bool):
 
     kwargs = {}
     if url.startswith("sqlite"):
+        from mergekit_rlvr.search.sqlite import tune_sqlite
+
         kwargs = {"connect_args": {"timeout": 60}}
-        _tune_sqlite()
+        tune_sqlite()
     beat = heartbeat_kwargs(optuna.storages.RDBStorage, interval, grace, retry)
     last = None
     for attempt in range(5):  # processes starting together race to create the tables

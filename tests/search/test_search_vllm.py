@@ -11,52 +11,26 @@ import math
 import pytest
 import yaml
 
-from conftest import load_state, mergekit_yaml, write_recipe
+from support import recipes
+from support.engines import TINY_ENGINE, opener
+from support.files import load_state, mergekit_yaml, write_jsonl, write_recipe
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-ENGINE = {"dtype": "float32", "max_model_len": 512, "kv_cache_memory_bytes": 2**26, "seed": 0}
+ENGINE = dict(TINY_ENGINE)
 SEARCH = {"samples": 3, "max_tokens": 12, "temperature": 0.8, "engine": ENGINE}
 QUESTIONS = ["What is 1+1?", "Compute 2*3.", "What is 10-4?", "Half of 1?", "What is 7*8?", "Sum of 3 and 4?"]
 
 
 @pytest.fixture(scope="module")
-def recipe(tiny_family, tmp_path_factory):
-    path = tmp_path_factory.mktemp("search") / "recipe.yml"
-    return write_recipe(path, {
-        "merge_method": "dots",
-        "base_model": tiny_family["base"],
-        "models": [{"model": tiny_family["sft"], "parameters": {"weight": 1.0}},
-                   {"model": tiny_family["rl"], "parameters": {"weight": 1.0, "density": 0.3}}],
-        "parameters": {"density": 0.3},
-        "dtype": "float32",
-        "search": dict(SEARCH),
-    })
-
-
-@pytest.fixture(scope="module")
-def engine(recipe):
-    from vllm_plugins.hotswap import HotSwapLLM
-
-    from mergekit_rlvr.search.engine import close_engine
-
-    llm = HotSwapLLM.from_recipe(str(recipe), **ENGINE)
-    yield llm
-    close_engine(llm)
+def recipe(tiny_family, recipe_file):
+    return recipe_file(recipes.dots(tiny_family, (1.0, 1.0), (None, 0.3), parameters={"density": 0.3},
+                                    search=SEARCH))
 
 
 @pytest.fixture
 def queries(tmp_path):
-    path = tmp_path / "q.jsonl"
-    path.write_text("".join(json.dumps({"prompt": q, "answer": "0"}) + "\n" for q in QUESTIONS[:4]))
-    return str(path)
-
-
-def opener(engine, calls):
-    def open_engine(recipe, kwargs):
-        calls.append(dict(kwargs))
-        return engine
-    return open_engine
+    return write_jsonl(tmp_path / "q.jsonl", [{"prompt": q, "answer": "0"} for q in QUESTIONS[:4]])
 
 
 def test_dots_search_end_to_end_and_resume(engine, recipe, queries, tmp_path):
@@ -107,7 +81,7 @@ def test_prompt_perplexity_matches_a_reference_forward(engine, tiny_family):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_rlvr.search.objectives import perplexity_of_prompts
+    from mergekit_rlvr.search.dots import perplexity_of_prompts
 
     engine.set_coefficients([0.0] * len(engine.coefficients))
     prompts = QUESTIONS[:3]

@@ -1,7 +1,8 @@
 """A scripted stand-in for the engine protocol (mergekit_rlvr.search.engine.Engine),
 for the search's pure logic: resume, kill -9, cooperating processes, reports. It
 answers from a known function of the coefficients, so the right trial is known.
-The real vLLM engine is exercised in test_search_vllm.py. (No tests in this file.)"""
+The real vLLM engine is exercised in test_search_vllm.py. Run as a script, it is one
+search process (the kill -9 and cooperation tests of test_search_study.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The search loop on a real Optuna study (sqlite) with the scripted engine of
-test_search_support: reports, resume without repeating trials, kill -9, several
+tests/support/fake_engine.py: reports, resume without repeating trials, kill -9, several
 processes on one storage, pruning, the reasoning-rate strategies. The same loop on
 the real vLLM engine is in test_search_vllm.py."""
 
@@ -20,9 +20,9 @@ import yaml
 
 from mergekit_rlvr.errors import UserError
 from mergekit_rlvr.search.runner import run_search
-from test_search_support import FakeEngine, fake_opener, write_fake_recipe, write_queries
+from support.fake_engine import FakeEngine, fake_opener, write_fake_recipe, write_queries
 
-HERE = Path(__file__).parent
+TESTS = Path(__file__).resolve().parent.parent  # tests/
 
 
 def swaps(log):
@@ -125,7 +125,7 @@ def test_consistency_counts_equivalent_spellings(tmp_path):
     """The fake answers 1/2 as '1/2', '\\frac{1}{2}' and '0.5' in turn: all one vote."""
     engine = FakeEngine()
     engine.set_coefficients({"a": 1.5, "b": 0.5})  # consistency 1
-    from mergekit_rlvr.search.objectives import measure_dots
+    from mergekit_rlvr.search.dots import measure_dots
     from mergekit_rlvr.search.settings import load_settings
 
     m = measure_dots(engine, ["q0", "q1"], ["q0", "q1"], load_settings({"samples": 6}))
@@ -153,9 +153,9 @@ def test_resume_continues_without_repeating(tmp_path):
 
 
 def _spawn(recipe, queries, out, trials, log, delay, storage=None):
-    args = [sys.executable, str(HERE / "test_search_support.py"), recipe, queries, str(out), str(trials), log,
+    args = [sys.executable, str(TESTS / "support" / "fake_engine.py"), recipe, queries, str(out), str(trials), log,
             str(delay)] + ([storage] if storage else [])
-    path = os.pathsep.join([str(HERE), str(HERE.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    path = os.pathsep.join([str(TESTS), str(TESTS.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     env = dict(os.environ, PYTHONPATH=path, PYTHONWARNINGS="ignore")  # this checkout's code, not the venv's
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 

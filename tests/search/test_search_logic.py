@@ -281,7 +281,7 @@ def test_verl_layout_answers_and_messages_rendered_as_given(tmp_path, tiny_famil
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from mergekit_rlvr.search.objectives import query_prompts
+    from mergekit_rlvr.search.prompts import query_prompts
 
     messages = [{"role": "system", "content": "You are a careful solver."},
                 {"role": "user", "content": "What is 6*7?"}]

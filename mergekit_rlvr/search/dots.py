@@ -7,45 +7,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 from mergekit_rlvr.search.answers import equivalent, extract_answer, majority_vote
+from mergekit_rlvr.search.measurement import Measurement, StopRule
+from mergekit_rlvr.search.prompts import query_prompts, sampling_params
 from mergekit_rlvr.search.queries import Query
 from mergekit_rlvr.search.settings import SearchSettings
 
 
-def build_prompt(tokenizer, question: str, settings: SearchSettings, instruction: Optional[str] = None) -> str:
-    """The text sent to the engine for one question."""
-    text = question + (settings.instruction if instruction is None else instruction)
-    if settings.template == "chat":
-        if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-        return text
-    return settings.template.replace("{prompt}", text)
-
-
-def sampling_params(settings: SearchSettings, seed: int, **overrides):
-    from vllm import SamplingParams
-
-    values = dict(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
-                  max_tokens=settings.max_tokens, seed=seed if settings.sample_seeds else None)
-    values.update(overrides)
-    return SamplingParams(**values)
-
-
-@dataclass
-class Measurement:
-    """One trial's measurement. ``values``: objective name -> value."""
-
-    values: Dict[str, float]
-    per_query: List[float] = field(default_factory=list)
-    generate_s: float = 0.0  # inside engine.generate
-    score_s: float = 0.0  # answer extraction, voting, perplexity arithmetic
-    stopped_early: bool = False
-    accuracy: Optional[float] = None  # majority answer vs the queries' `answer` (reported, never optimized)
+def dots_prompts(tokenizer, queries: Sequence[Query], settings: SearchSettings):
+    """(generation prompts with the instruction, perplexity prompts without it), as the authors' code."""
+    return query_prompts(tokenizer, queries, settings), query_prompts(tokenizer, queries, settings, instruction="")
 
 
 def mean_nll_of_prompt(output) -> Optional[float]:
@@ -78,11 +51,6 @@ def response_mean_nll(completion) -> Optional[float]:
     if not count or completion.cumulative_logprob is None:
         return None
     return -completion.cumulative_logprob / count
-
-
-#: called after each chunk with (sum of consistencies so far, queries done, total queries);
-#: returns True to stop the trial (it cannot reach the Pareto front any more)
-StopRule = Callable[[float, int, int], bool]
 
 
 def measure_dots(
@@ -149,28 +117,3 @@ def query_consistencies(engine, prompts: Sequence[str], settings: SearchSettings
     seconds = time.perf_counter() - start
     return [majority_vote([extract_answer(c.text) for c in o.outputs], settings.consistency).consistency
             for o in outputs], seconds
-
-
-def render_messages(tokenizer, query: Query) -> str:
-    """``prompt_format: messages``: the row's chat messages as given (system turn
-    included, no instruction added), through the tokenizer's chat template."""
-    from mergekit_rlvr.errors import UserError
-
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError("search.prompt_format: messages needs a tokenizer with a chat template")
-    messages = query.messages or [{"role": "user", "content": query.prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def query_prompts(tokenizer, queries: Sequence[Query], settings: SearchSettings, instruction: Optional[str] = None):
-    """The generation prompt of every query: ``build_prompt`` on its question (the
-    user turn plus the instruction), or with ``prompt_format: messages`` its chat
-    messages as given. Perplexity prompts (``instruction=""``) are always the question."""
-    if settings.prompt_format == "messages" and instruction is None:
-        return [render_messages(tokenizer, q) for q in queries]
-    return [build_prompt(tokenizer, q.prompt, settings, instruction) for q in queries]
-
-
-def dots_prompts(tokenizer, queries: Sequence[Query], settings: SearchSettings):
-    """(generation prompts with the instruction, perplexity prompts without it), as the authors' code."""
-    return query_prompts(tokenizer, queries, settings), query_prompts(tokenizer, queries, settings, instruction="")

@@ -4,7 +4,7 @@
 are root; PostgreSQL refuses to run as root) in a temporary directory, listening on
 a Unix socket in that directory only (no TCP port), and stopped by ``stop()``.
 ``missing()`` names what is absent, for a clean skip. Used by the ``postgresql``
-fixture in conftest.py and by bench/storage_overhead.py.
+fixture in tests/conftest.py and by bench/storage_overhead.py.
 """
 
 from __future__ import annotations

@@ -5,48 +5,30 @@ module; logit detection checked against a transformers forward."""
 from __future__ import annotations
 
 import csv
-import json
 
 import pytest
 import yaml
 
-from conftest import write_recipe
+from support import recipes
+from support.engines import TINY_ENGINE
+from support.files import write_jsonl
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-ENGINE = {"dtype": "float32", "max_model_len": 512, "kv_cache_memory_bytes": 2**26, "seed": 0}
+ENGINE = dict(TINY_ENGINE)
 QUESTIONS = ["What is 1+1?", "Compute 2*3.", "What is 10-4?"]
 
 
 @pytest.fixture(scope="module")
-def recipe(tiny_family, tmp_path_factory):
-    path = tmp_path_factory.mktemp("reasoning") / "recipe.yml"
-    return write_recipe(path, {
-        "merge_method": "reasoning_interp",
-        "base_model": tiny_family["base"],  # the reasoning model M
-        "models": [{"model": tiny_family["sft"]}],
-        "parameters": {"alpha": 0.5},
-        "dtype": "float32",
-        "search": {"prefix_tokens": 4, "samples": 2, "max_tokens": 8, "engine": ENGINE},
-    })
-
-
-@pytest.fixture(scope="module")
-def engine(recipe):
-    from vllm_plugins.hotswap import HotSwapLLM
-
-    from mergekit_rlvr.search.engine import close_engine
-
-    llm = HotSwapLLM.from_recipe(str(recipe), **ENGINE)
-    yield llm
-    close_engine(llm)
+def recipe(tiny_family, recipe_file):
+    # the base stands for the reasoning model M
+    return recipe_file(recipes.reasoning_interp(tiny_family, 0.5, search={
+        "prefix_tokens": 4, "samples": 2, "max_tokens": 8, "engine": ENGINE}))
 
 
 @pytest.fixture
 def queries(tmp_path):
-    path = tmp_path / "q.jsonl"
-    path.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
-    return str(path)
+    return write_jsonl(tmp_path / "q.jsonl", [{"prompt": q} for q in QUESTIONS])
 
 
 def run(recipe, queries, out, engine, **overrides):

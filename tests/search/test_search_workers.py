@@ -1,5 +1,5 @@
 """Several `mergekit-rlvr search` workers on one shared study, each with its own real
-vLLM CPU engine: a real PostgreSQL server (tests/pg_server.py) and Optuna's journal
+vLLM CPU engine: a real PostgreSQL server (tests/support/pg_server.py) and Optuna's journal
 file. One worker is SIGKILLed inside a trial and restarted; Optuna's heartbeat fails
 its trial, a live worker evaluates that point again, and every worker's report
 covers the whole study."""
@@ -18,30 +18,23 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_recipe
+from support import recipes
+from support.engines import TINY_ENGINE
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 # eager: no torch.compile at start (about 20 s instead of 60 s here)
-ENGINE = {"dtype": "float32", "max_model_len": 256, "kv_cache_memory_bytes": 2**26, "seed": 0, "enforce_eager": True}
+ENGINE = {**TINY_ENGINE, "max_model_len": 256, "enforce_eager": True}
 TRIALS = 6
 QUESTIONS = ["What is 1+1?", "Compute 2*3."]
 
 
 @pytest.fixture(scope="module")
-def recipe(tiny_family, tmp_path_factory):
-    path = tmp_path_factory.mktemp("workers") / "recipe.yml"
-    return write_recipe(path, {
-        "merge_method": "dots",
-        "base_model": tiny_family["base"],
-        "models": [{"model": tiny_family["sft"], "parameters": {"weight": 1.0}},
-                   {"model": tiny_family["rl"], "parameters": {"weight": 1.0}}],
-        "parameters": {"density": 0.3},
-        "dtype": "float32",
-        "search": {"samples": 2, "max_tokens": 8, "temperature": 0.8, "sampler": "random", "engine": ENGINE,
-                   "heartbeat_interval": 1, "grace_period": 2},
-    })
+def recipe(tiny_family, recipe_file):
+    return recipe_file(recipes.dots(tiny_family, (1.0, 1.0), parameters={"density": 0.3}, search={
+        "samples": 2, "max_tokens": 8, "temperature": 0.8, "sampler": "random", "engine": ENGINE,
+        "heartbeat_interval": 1, "grace_period": 2}))
 
 
 def _worker(recipe, queries, out, storage):

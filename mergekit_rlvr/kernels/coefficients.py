@@ -1,0 +1,95 @@
+"""What a hot-swap coefficient means, asked of the merge method mergekit has registered.
+
+Every hot-swappable method is ``theta_base + sum_j c_j v_j`` where each ``c_j`` is one
+mergekit parameter of the recipe. The method names that parameter (``coefficient =
+"weight"`` on our kernels; mergekit's built-in ``task_arithmetic`` is named here) and
+mergekit's ``spec.parameters`` says the rest:
+
+- its scope: ``NON_BASE`` = one coefficient per non-base model (named after the model),
+  ``SHARED`` = one for the recipe (named after the parameter);
+- its default when a recipe leaves it out (``None``: the recipe must give it);
+- its range: the parameter's own validator (the same check mergekit runs when it plans).
+
+Everything else (decompose, search, the server, HotSwapLLM) asks :func:`coefficient`.
+Adding a method = a ``methods/`` module, a ``kernels/`` module with ``coefficient``, a test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from mergekit_rlvr.errors import UserError
+
+#: mergekit's own methods that are a fixed sum of task vectors, and their coefficient
+BUILT_IN = {"task_arithmetic": "weight"}
+#: coefficients multiply the vectors in float32: larger magnitudes are inf there
+LIMIT = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
+@dataclass(frozen=True)
+class Coefficient:
+    method: str
+    parameter: str
+    per_model: bool
+    default: Optional[float]
+    spec: Any  # mergekit's ParameterSpec
+
+    def check(self, value: Any, name: Optional[str] = None) -> float:
+        """The value as a float, or ValueError naming ``name`` (default: the parameter):
+        a finite number within the parameter's range and small enough for float32."""
+        from pydantic import TypeAdapter, ValidationError
+
+        label = name or self.parameter
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"coefficient {label!r} must be a number, got {value!r}")
+        number = float(value)
+        if not math.isfinite(number) or abs(number) > LIMIT:
+            raise ValueError(f"coefficient {label!r} is {number}: the merge computes in float32, so it must be "
+                             f"finite and at most {LIMIT:.4g} in magnitude")
+        try:
+            return float(TypeAdapter(self.spec.value_type).validate_python(number))
+        except ValidationError as error:
+            message = error.errors()[0].get("msg", str(error)).removeprefix("Value error, ")
+            raise ValueError(f"coefficient {label!r}: {message}") from None
+
+
+def _registry():
+    """mergekit's method registry with ours in it (importing it runs our import hook)."""
+    from mergekit.merge_methods import registry
+
+    from mergekit_rlvr.kernels import register_all
+
+    register_all()
+    return registry
+
+
+def _registered(method: str):
+    try:
+        return _registry().get(method)
+    except Exception:  # noqa: BLE001 - mergekit raises its own error type for unknown names
+        return None
+
+
+def hot_swappable() -> Tuple[str, ...]:
+    """The methods whose merges the hot swap can serve, ours first."""
+    registered = _registry().registered_methods()
+    ours = tuple(m.spec.name for m in registered if getattr(m, "coefficient", None))
+    return ours + tuple(name for name in BUILT_IN if name not in ours)
+
+
+def coefficient(method: Any) -> Coefficient:
+    """The coefficient of ``method``; UserError in one line when it cannot be hot-swapped."""
+    found = _registered(method) if isinstance(method, str) else None
+    parameter = getattr(found, "coefficient", None) or BUILT_IN.get(method)
+    if found is None or parameter is None:
+        raise UserError(f"merge_method {method!r} cannot be hot-swapped; supported: {', '.join(hot_swappable())}")
+    spec = {p.name: p for p in found.spec.parameters}[parameter]
+    default = None if spec.required else float(spec.default)
+    return Coefficient(method, parameter, spec.scope.value == "non_base", default, spec)
+
+
+def table() -> Dict[str, Coefficient]:
+    """Every hot-swappable method's coefficient (for the README and checks)."""
+    return {name: coefficient(name) for name in hot_swappable()}

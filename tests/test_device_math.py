@@ -1,0 +1,135 @@
+"""The merge math on a device equals the CPU's bit for bit (issue 15).
+
+Each test runs on CPU tensors in every suite and, marked ``cuda``, on a CUDA device
+where one is present. On CPU the device result is also checked against a brute
+force (sorting, per-entry formulas), so the CPU run is a real known-answer test."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergekit_rlvr.methods.common import MaskedVector, combine, task_vector
+from mergekit_rlvr.methods.dots import (
+    dots_masked_vector,
+    dots_stats,
+    gamma_from_norms,
+    kth_smallest,
+    magnitude_threshold,
+    squared_norms,
+)
+from mergekit_rlvr.methods.reasoning_interp import interp_vector
+from mergekit_rlvr.methods.sar import resolve_conflicts, sar_vector
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")])]
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+
+
+def same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    got, want = got.cpu(), want.cpu()
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got.view(BITS[got.dtype]), want.view(BITS[want.dtype]))
+
+
+def family(shape=(192, 320), models=3, seed=0):
+    """bf16 checkpoints: a base and fine-tunes that move few bf16 steps (ties galore)."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 0.05).to(torch.bfloat16)
+    tuned = [(base.float() + torch.randn(shape, generator=g) * 10 ** -(2 + i % 2)).to(torch.bfloat16)
+             for i in range(models)]
+    return base, tuned
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selection_and_norms_do_not_depend_on_the_device(device):
+    base, tuned = family()
+    tau = task_vector(tuned[0], base)
+    big = torch.randn(300_000, generator=torch.Generator().manual_seed(1)).abs()  # the radix-select path
+    for values in (tau.reshape(-1).abs(), big):
+        for rank in (1, 7, values.numel() // 3, values.numel()):
+            got = kth_smallest(values.to(device), rank)
+            assert float(got) == float(values.sort().values[rank - 1])  # brute force
+    mask = tau.abs() >= magnitude_threshold(tau, 0.3)
+    full, kept = squared_norms(tau.to(device), mask.to(device))
+    assert (full, kept) == squared_norms(tau, mask)
+    exact = [math.fsum(float(x) ** 2 for x in t.reshape(-1).tolist()) for t in (tau, tau[mask])]
+    assert math.isclose(full, exact[0], rel_tol=1e-12) and math.isclose(kept, exact[1], rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("rescale", ["global", "tensor", "none"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_dots_vector_and_combine_on_a_device_equal_the_cpu(device, rescale):
+    base, tuned = family(models=2)
+    stats = dots_stats([("w", base, tuned)], [0.3, 0.3])
+    vectors = {}
+    for where in ("cpu", device):
+        vs = [dots_masked_vector(base.to(where), m.to(where), 0.3, rescale, gamma=stats.gamma(i, rescale),
+                                 threshold=stats.threshold(i, "w")) for i, m in enumerate(tuned)]
+        vectors[where] = (vs, combine(base.to(where), vs, [0.79, 1.82], out_dtype=torch.bfloat16))
+    (cpu_vs, cpu_merged), (dev_vs, dev_merged) = vectors["cpu"], vectors[device]
+    for a, b in zip(dev_vs, cpu_vs):
+        assert torch.equal(a.mask.cpu(), b.mask)
+        same_bits(a.values, b.values)
+    same_bits(dev_merged, cpu_merged)
+    # brute force (per entry, the documented float32 order): base + sum c_j * (gamma_j * tau_j on the mask)
+    want = base.float().clone()
+    for i, (m, c) in enumerate(zip(tuned, [0.79, 1.82])):
+        tau = task_vector(m, base)
+        keep = tau.abs() >= float(tau.abs().reshape(-1).sort(descending=True).values[int(0.3 * tau.numel()) - 1])
+        gamma = {"global": stats.gamma(i, "global"), "none": None,
+                 "tensor": gamma_from_norms(float((tau.double() ** 2).sum()), float((tau[keep].double() ** 2).sum()))}
+        scaled = tau * gamma[rescale] if gamma[rescale] is not None else tau
+        want = torch.where(keep, want + scaled * c, want)
+    if rescale == "tensor":  # this gamma sums in another order than squared_norms: its last bit may differ
+        assert torch.allclose(cpu_merged.float(), want.to(torch.bfloat16).float(), rtol=1e-2)
+    else:
+        same_bits(cpu_merged, want.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("fisher", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_sar_and_interpolation_on_a_device_equal_the_cpu(device, fisher):
+    base, tuned = family(models=3)
+    g = torch.Generator().manual_seed(2)
+    fishers = [torch.rand(base.shape, generator=g) for _ in tuned] if fisher else [None] * 3
+    got = {where: sar_vector(base.to(where), [m.to(where) for m in tuned],
+                             [f.to(where) if f is not None else None for f in fishers],
+                             drop_rate=0.5, epsilon=0.0, seed=3, name="model.layers.0.mlp.up_proj.weight")
+           for where in ("cpu", device)}
+    same_bits(got[device], got["cpu"])
+    # the conflict-free entries are the left-fold sum of the deltas, on every device
+    deltas = [task_vector(m, base) for m in tuned]
+    resolved = resolve_conflicts(deltas, [d.abs() for d in deltas] if not fisher else fishers)
+    agree = ~((torch.stack(deltas) > 0).any(0) & (torch.stack(deltas) < 0).any(0))
+    same_bits(resolved[agree], ((deltas[0] + deltas[1]) + deltas[2])[agree])
+    interp = {where: combine(tuned[0].to(where), [interp_vector(tuned[0].to(where), tuned[1].to(where))], [0.3],
+                             out_dtype=torch.bfloat16) for where in ("cpu", device)}
+    same_bits(interp[device], interp["cpu"])
+    same_bits(interp["cpu"], (tuned[0].float() + (tuned[1].float() - tuned[0].float()) * 0.3).to(torch.bfloat16))
+
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("method", ["dots", "sar"])
+def test_mergekit_yaml_cuda_writes_the_cpu_merge(method, tiny_family, tmp_path):
+    from conftest import load_state, mergekit_yaml, write_recipe
+
+    models = [{"model": tiny_family["sft"], "parameters": {"weight": 0.79}},
+              {"model": tiny_family["rl"], "parameters": {"weight": 1.82}}]
+    parameters = {"density": 0.3} if method == "dots" else {"drop_rate": 0.5, "scale": 1.2}
+    if method == "sar":
+        models = [{"model": m["model"]} for m in models]
+    recipe = write_recipe(tmp_path / f"{method}.yml", {"merge_method": method, "base_model": tiny_family["base"],
+                                                       "models": models, "parameters": parameters,
+                                                       "dtype": "float32"})
+    mergekit_yaml(recipe, tmp_path / "cpu")
+    mergekit_yaml(recipe, tmp_path / "cuda", "--cuda")
+    cpu, cuda = load_state(tmp_path / "cpu"), load_state(tmp_path / "cuda")
+    assert sorted(cpu) == sorted(cuda)
+    for name in cpu:
+        same_bits(cuda[name], cpu[name])

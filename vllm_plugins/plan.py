@@ -1,0 +1,104 @@
+"""Which vLLM parameters the swap rewrites in place and which checkpoint tensors go
+through vLLM's ``reload_weights``: a pure function of facts about the model (no
+vLLM, no tensors), so it is tested without an engine (tests/test_hotswap.py).
+
+Rules (see :mod:`vllm_plugins.worker`):
+
+- a parameter can be rewritten in place when it is a plain floating tensor of its
+  loading shape, contiguous, holding exactly what the loaders put there (the base
+  check), and all checkpoint tensors that fill it share their coefficients;
+- a module goes in place when all its parameters can and vLLM keeps no derived copy
+  of them (the CPU backend repacks linear layers; quantized methods repack);
+- a checkpoint tensor that fills parameters of several modules sends all of them to
+  reload as soon as one of them must (a reload re-runs every loader it feeds);
+- a checkpoint tensor goes in place when every parameter it fills does, else through
+  reload (with the positions this rank reads, when it reads only part of it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+
+@dataclass(frozen=True)
+class ParamFacts:
+    name: str  # vLLM parameter name
+    checkpoints: Tuple[str, ...]  # checkpoint tensors its loaders copy from
+    plain: bool  # plain, contiguous, loading shape, equal to the base as loaded
+    slots: Tuple[Tuple[int, ...], ...]  # per checkpoint: its coefficients' indices
+    derived_free: bool  # its module computes with it as loaded
+
+    @property
+    def module(self) -> str:
+        return self.name.rpartition(".")[0]
+
+
+@dataclass
+class Plan:
+    inplace: Dict[str, List[str]] = field(default_factory=dict)  # parameter -> its checkpoint tensors
+    reload: List[str] = field(default_factory=list)  # checkpoint tensors, in task order
+    paths: Dict[str, str] = field(default_factory=dict)  # parameter -> "inplace" | "reload"
+
+    def route(self, checkpoint: str) -> str:
+        return "reload" if checkpoint in self.reload else "inplace"
+
+
+def plan_paths(params: Mapping[str, ParamFacts], checkpoints: Sequence[str], force_reload: bool = False) -> Plan:
+    """The plan for ``checkpoints`` (every planned tensor, in task order)."""
+    by_checkpoint: Dict[str, List[str]] = {}
+    for facts in params.values():
+        for c in facts.checkpoints:
+            by_checkpoint.setdefault(c, []).append(facts.name)
+    modules: Dict[str, bool] = {}
+    for facts in params.values():
+        ok = not force_reload and facts.plain and facts.derived_free and len(set(facts.slots)) == 1
+        modules[facts.module] = modules.get(facts.module, True) and ok
+    changed = True
+    while changed:  # a tensor feeding a reload module sends every module it feeds to reload
+        changed = False
+        for targets in by_checkpoint.values():
+            mods = {params[p].module for p in targets}
+            if len(mods) > 1 and not all(modules[m] for m in mods):
+                for m in mods:
+                    changed |= modules[m]
+                    modules[m] = False
+    plan = Plan()
+    for c in checkpoints:
+        targets = by_checkpoint.get(c, [])
+        if targets and all(modules[params[p].module] for p in targets):
+            for p in targets:
+                plan.inplace.setdefault(p, list(params[p].checkpoints))
+                plan.paths[p] = "inplace"
+        else:
+            plan.reload.append(c)
+            for p in targets:
+                plan.paths[p] = "reload"
+    return plan
+
+
+def swap_bytes(d, tensor_parallel_size: int = 1, progress: bool = False) -> Dict[str, int]:
+    """What the swap will hold on each rank for decomposition ``d``, before any engine
+    starts: the packed bytes of every tensor (:mod:`vllm_plugins.packed`, exact for one
+    rank), a tensor of two or more dimensions split over the ranks (vLLM shards
+    linear and embedding weights), a 1-D one (norms, biases of replicated layers)
+    on each. Returns ``{"per_rank": ..., "total": ..., "weights": ...}`` (bytes;
+    ``weights``: the merged tensors in the dtype mergekit writes)."""
+    import torch
+
+    from vllm_plugins import packed
+
+    tasks = d.tasks
+    if progress:
+        from tqdm import tqdm
+
+        tasks = tqdm(tasks, desc=f"{d.method}: sizing the swap", leave=False)
+    total = per_rank = weights = 0
+    for task in tasks:
+        base, sources = d.sources(task)
+        held = packed.pack(base, sources).nbytes
+        total += held
+        per_rank += held if base.dim() < 2 else -(-held // max(1, int(tensor_parallel_size)))
+        dtype = task.save_dtype or base.dtype
+        weights += base.numel() * torch.empty(0, dtype=dtype).element_size()
+    return {"per_rank": per_rank, "total": total, "weights": weights}
