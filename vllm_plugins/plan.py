@@ -81,9 +81,10 @@ def swap_bytes(d, tensor_parallel_size: int = 1, progress: bool = False) -> Dict
     """What the swap will hold on each rank for decomposition ``d``, before any engine
     starts: the packed bytes of every tensor (:mod:`vllm_plugins.packed`, exact for one
     rank), a tensor of two or more dimensions split over the ranks (vLLM shards
-    linear and embedding weights), a 1-D one (norms, biases of replicated layers)
-    on each. Returns ``{"per_rank": ..., "total": ..., "weights": ...}`` (bytes;
-    ``weights``: the merged tensors in the dtype mergekit writes)."""
+    linear and embedding weights, and each rank keeps a bitmask of the entries it
+    reads), a 1-D one (norms, biases of replicated layers) on each. Returns
+    ``{"per_rank": ..., "total": ..., "weights": ...}`` (bytes; ``total``: one rank
+    holding everything; ``weights``: the merged tensors in the dtype mergekit writes)."""
     import torch
 
     from vllm_plugins import packed
@@ -98,7 +99,10 @@ def swap_bytes(d, tensor_parallel_size: int = 1, progress: bool = False) -> Dict
         base, sources = d.sources(task)
         held = packed.pack(base, sources).nbytes
         total += held
-        per_rank += held if base.dim() < 2 else -(-held // max(1, int(tensor_parallel_size)))
+        if base.dim() < 2 or tensor_parallel_size <= 1:
+            per_rank += held
+        else:  # this rank's share, and the bitmask of the entries it reads (reload path)
+            per_rank += -(-held // int(tensor_parallel_size)) + -(-base.numel() // 8)
         dtype = task.save_dtype or base.dtype
         weights += base.numel() * torch.empty(0, dtype=dtype).element_size()
     return {"per_rank": per_rank, "total": total, "weights": weights}
