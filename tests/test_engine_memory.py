@@ -135,6 +135,26 @@ def test_serve_sizes_the_kv_cache_in_bytes_on_cpu(tiny_family):
         kv_cache_args(tiny_family["base"], ["--gpu-memory-utilization", "0.0001"])
     with pytest.raises(UserError, match=r"^--max-model-len 4k: give a number"):
         kv_cache_args(tiny_family["base"], ["--max-model-len", "4k"])
+    # serve reserves the hot swap's bytes first: a swap larger than the node fails in one line
+    with pytest.raises(UserError, match=r"^the hot swap needs .* per device beside the weights"):
+        kv_cache_args(tiny_family["base"], ["--max-model-len", "512"], swap_bytes=1 << 50)
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_recipe_whose_swap_cannot_fit_before_vllm_starts(tiny_family, tmp_path):
+    """server_command sizes the swap from the recipe (vllm_plugins.plan) and takes it
+    from the KV cache's room: with a KV cache of all node 0 has free, one line, no engine."""
+    from mergekit_rlvr.cli.serve import server_command
+    from vllm_plugins import memory
+
+    recipe = write_recipe(tmp_path / "dots.yml", {"merge_method": "dots", "base_model": tiny_family["base"],
+                                                  "dtype": "float32",
+                                                  "models": [{"model": tiny_family["sft"], "parameters": {"weight": 1.0}}]})
+    free = memory._node_memory().available
+    with pytest.raises(UserError, match=r"^the hot swap needs [0-9.]+ [GM]iB per device"):
+        server_command(recipe, ["--kv-cache-memory-bytes", str(free - (1 << 20))])
+    argv, _ = server_command(recipe, ["--max-model-len", "512"])
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(256 * 512 * 1024)
 
 
 def test_hot_swap_memory_is_reserved_before_vllm_sizes_its_cache(tiny_family):

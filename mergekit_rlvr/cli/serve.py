@@ -67,11 +67,9 @@ MEMORY_OPTIONS = {"--max-model-len": "max_model_len", "--dtype": "dtype", "--kv-
                   "--gpu-memory-utilization": "gpu_memory_utilization"}
 
 
-def kv_cache_args(model_dir: str, vllm_args: list[str]) -> list[str]:
-    """``--kv-cache-memory-bytes N`` to add on CPU when the command line sizes no KV
-    cache (:mod:`vllm_plugins.memory`); settings that cannot fit fail in one line."""
-    from vllm_plugins.memory import size_engine
-
+def _memory_kwargs(vllm_args: list[str]) -> dict | None:
+    """The command line's sizing options as ``vllm.LLM`` keyword arguments (None: a
+    KV cache size vLLM reads but serve cannot, such as ``1G``: left to vLLM)."""
     kwargs = {}
     for option, key in MEMORY_OPTIONS.items():
         value = _option_value(vllm_args, option)
@@ -82,22 +80,51 @@ def kv_cache_args(model_dir: str, vllm_args: list[str]) -> list[str]:
                 int(value) if key in ("max_model_len", "max_num_seqs", "kv_cache_memory_bytes") else value)
         except ValueError:
             if key == "kv_cache_memory_bytes":
-                return []  # sized by the user in a form vLLM reads (such as 1G)
+                return None
             raise UserError(f"{option} {value}: give a number, so that serve can size the KV cache") from None
-    sized = size_engine(kwargs, model_dir, prefix="--")
+    return kwargs
+
+
+def tensor_parallel_size(vllm_args: list[str]) -> int:
+    value = _option_value(vllm_args, "--tensor-parallel-size", "-tp")
+    try:
+        return max(1, int(value)) if value is not None else 1
+    except ValueError:
+        raise UserError(f"--tensor-parallel-size {value}: give a whole number") from None
+
+
+def kv_cache_args(model_dir: str, vllm_args: list[str], swap_bytes: int = 0) -> list[str]:
+    """Options to add so that vLLM sizes its KV cache with the hot swap's
+    ``swap_bytes`` per device already taken (:mod:`vllm_plugins.memory`): on CPU
+    ``--kv-cache-memory-bytes N`` when the command line gives none, on a GPU a
+    ``--gpu-memory-utilization`` lowered by the swap's share of the device (it comes
+    after the user's, so it is the one vLLM reads). Settings that cannot fit fail in
+    one line before vLLM starts."""
+    from vllm_plugins.memory import size_engine
+
+    kwargs = _memory_kwargs(vllm_args)
+    if kwargs is None:
+        return []
+    kwargs["tensor_parallel_size"] = tensor_parallel_size(vllm_args)
+    sized = size_engine(kwargs, model_dir, prefix="--", swap_bytes=swap_bytes)
+    extra = []
     if "kv_cache_memory_bytes" in sized and "kv_cache_memory_bytes" not in kwargs:
-        return ["--kv-cache-memory-bytes", str(sized["kv_cache_memory_bytes"])]
-    return []
+        extra += ["--kv-cache-memory-bytes", str(sized["kv_cache_memory_bytes"])]
+    utilization = sized.get("gpu_memory_utilization")
+    if utilization is not None and utilization != kwargs.get("gpu_memory_utilization"):
+        extra += ["--gpu-memory-utilization", str(utilization)]
+    return extra
 
 
 def server_command(recipe_path: Path, vllm_args: list[str], environ: dict | None = None):
     """(argv, env) of the vLLM API server process that serves ``recipe_path``.
 
-    The recipe is parsed and planned by mergekit here (configs only, no tensors), so
-    an unsupported method or a missing model fails in one line before vLLM starts.
+    The recipe is parsed and planned by mergekit here, and the swap's memory per
+    device computed (:func:`vllm_plugins.plan.swap_bytes`, one read of the
+    checkpoints), so an unsupported method, a missing model or a recipe that cannot
+    fit fails in one line before vLLM starts.
     """
     from mergekit_rlvr.decompose import decompose
-
     environ = dict(os.environ if environ is None else environ)
     for option, why in RESERVED.items():
         if _option_given(vllm_args, option):
@@ -116,7 +143,11 @@ def server_command(recipe_path: Path, vllm_args: list[str], environ: dict | None
     dtype = d.recipe.get("out_dtype") or d.recipe.get("dtype")
     if dtype and not _option_given(vllm_args, "--dtype"):
         argv += ["--dtype", str(dtype)]
-    argv += list(vllm_args) + kv_cache_args(d.base_path, list(vllm_args))
+    from vllm_plugins.plan import swap_bytes
+
+    # what each device's workers will hold for the swap, reserved before vLLM sizes its cache
+    reserve = swap_bytes(d, tensor_parallel_size(vllm_args), progress=True)["per_rank"]
+    argv += list(vllm_args) + kv_cache_args(d.base_path, list(vllm_args), reserve)
 
     plugins = [name.strip() for name in environ.get("VLLM_PLUGINS", "").split(",") if name.strip()]
     if PLUGIN_NAME not in plugins:
