@@ -23,8 +23,8 @@ from typing import List, Mapping, Optional, Tuple
 
 from mergekit_rlvr.decomposition import Decomposition, TensorTask, _kernel, _spec  # noqa: F401
 from mergekit_rlvr.errors import UserError
+from mergekit_rlvr.kernels.coefficients import coefficient
 from mergekit_rlvr.recipes import (  # noqa: F401  (this module's historical public names)
-    SUPPORTED_METHODS,
     RecipeLike,
     _check_method,
     _grouped_settings,
@@ -59,10 +59,10 @@ def decompose(recipe: RecipeLike, *, trust_remote_code: bool = False) -> Decompo
     models = [m.model for m in config.models if m.model != base]
     names = coefficient_names_of(data)
     tasks = []
-    for weight, task in planned:
+    for weight, task, dtype in planned:
         if not hasattr(task, "gather_tensors"):
             continue
-        save = dtype_from_name(weight.force_dtype or config.out_dtype)
+        save = dtype_from_name(dtype)
         tasks.append(TensorTask(name=weight.name, task=task, save_dtype=save))
     if not tasks:
         raise UserError(f"{where}: mergekit plans no tensors")
@@ -104,22 +104,22 @@ def _config(local, where: str, method: str):
 
 
 def _planned(config, where: str, trust_remote_code: bool) -> list:
-    """(WeightInfo, task) pairs as mergekit's planner plans them."""
+    """(WeightInfo, task, save dtype name) as mergekit's planner plans them."""
     import torch  # noqa: F401  (mergekit needs it anyway)
     from mergekit.architecture import get_architecture_info
     from mergekit.io.tasks import LoaderCache
-    from mergekit.merge import _model_out_config
     from mergekit.options import MergeOptions
     from mergekit.plan import MergePlanner
+
+    from mergekit_rlvr.mergekit_compat import model_out_config, planned_tensors
 
     options = MergeOptions(trust_remote_code=trust_remote_code, quiet=True)
     LoaderCache().setup(options)
     try:
         arch_info = get_architecture_info(config, options)
-        cfg_out = _model_out_config(config, arch_info, trust_remote_code=trust_remote_code)
+        cfg_out = model_out_config(config, arch_info, trust_remote_code)
         planner = MergePlanner(config.model_copy(deep=True), arch_info, options=options, out_model_config=cfg_out)
-        planner._plan()  # what plan_to_disk / plan_in_memory plan, without the writer tasks
-        return list(planner._tensors)
+        return planned_tensors(planner)
     except UserError:
         raise
     except (RuntimeError, ValueError, KeyError, OSError) as error:
@@ -131,10 +131,12 @@ def _assign_slots(tasks: List[TensorTask], method: str, models, names: List[str]
     tensor of each group), and every task's slots."""
     from mergekit_rlvr import groups as grp
 
+    meaning = coefficient(method)
+
     def values_of(task) -> List[float]:
-        if method in ("sar", "reasoning_interp"):
-            return [float(task.parameters[names[0]])]
-        return [float(task.input_parameters[m]["weight"]) for m in models]
+        if not meaning.per_model:
+            return [float(task.parameters[meaning.parameter])]
+        return [float(task.input_parameters[m][meaning.parameter]) for m in models]
 
     layout = grp.of_recipe(data)
     if layout is None:

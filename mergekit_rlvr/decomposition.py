@@ -60,7 +60,7 @@ class Decomposition:
             return
         first = self.tasks[0]
         group, parameters, dtype = self._group(first)
-        if self.method in ("dots", "sar", "reasoning_interp"):
+        if _ours(self.method):
             kernel = _kernel(self.method)
             self._context = kernel._context([group], [parameters], [dtype])
         else:
@@ -172,47 +172,12 @@ class Decomposition:
 
     # -- internals --------------------------------------------------------------
     def _group(self, task: TensorTask):
-        """The TensorGroup and bound parameters exactly as mergekit's task adapter
-        builds them, and the dtype the kernel aligns inputs to."""
-        from mergekit.merge_methods.base import (
-            ParameterScope,
-            PerInputValues,
-            TensorEntry,
-            TensorGroup,
-            TensorMetadata,
-        )
-        from mergekit.merge_methods.dtype import promoted_dtype
-        from mergekit.merge_methods.dtype import align_dtype
-        from mergekit.common import dtype_from_name
+        """The TensorGroup and bound parameters exactly as mergekit's merge task
+        builds them (:func:`mergekit_rlvr.mergekit_compat.merge_inputs`), checked."""
         from mergekit_rlvr.kernels.base import check_group
+        from mergekit_rlvr.mergekit_compat import merge_inputs
 
-        t = task.task
-        loads = t.gather_tensors.arguments()
-        try:
-            values = {key: load.execute() for key, load in loads.items()}
-        except (RuntimeError, KeyError) as error:
-            raise UserError(f"tensor {task.name}: {error}") from None
-        tensors = t.gather_tensors.execute(**values)
-        entries = tuple(
-            TensorEntry(id=model, tensor=tensor, is_base=model == t.base_model)
-            for model in t.model_order
-            if (tensor := tensors.get(model)) is not None
-        )
-        if len(entries) != len(t.model_order):
-            missing = [str(m) for m in t.model_order if m not in tensors]
-            raise UserError(f"model {missing[0]} has no tensor {task.name}")
-        group = TensorGroup(entries=entries, metadata=TensorMetadata.from_weight_info(t.output_weight))
-        if not all(e.tensor.is_floating_point() for e in entries):
-            raise UserError(f"tensor {task.name} is not floating point; hot-swap merges floating tensors only")
-        method_spec = _spec(self.method)
-        parameters = dict(t.parameters.items())
-        for parameter in method_spec.input_parameters:
-            inputs = entries if parameter.scope == ParameterScope.INPUT else group.non_base
-            parameters[parameter.name] = PerInputValues(
-                [(e.id, t.input_parameters[e.id][parameter.name]) for e in inputs]
-            )
-        dtype = dtype_from_name(t.dtype) or promoted_dtype(group)
-        group = align_dtype(group, dtype)
+        group, parameters, dtype = merge_inputs(task.task, task.name, _spec(self.method))
         check_group(group)
         return group, parameters, dtype
 
@@ -221,7 +186,7 @@ class Decomposition:
         is mergekit's, so its vectors are built here."""
         base = group.base.tensor
         entries = self._entries(group)
-        if self.method in ("dots", "sar", "reasoning_interp"):
+        if _ours(self.method):
             from mergekit_rlvr.methods.common import MaskedVector
 
             vectors, coefficients = _kernel(self.method).vectors(group, self._context, **parameters)
@@ -269,6 +234,13 @@ def _spec(method: str):
     from mergekit import merge_methods
 
     return merge_methods.get(method).spec
+
+
+def _ours(method: str) -> bool:
+    """A method of ours (its kernel has a whole-model pre-pass and ``vectors``), not mergekit's own."""
+    from mergekit_rlvr.kernels.base import PreparedMergeMethod
+
+    return isinstance(_kernel(method), PreparedMergeMethod)
 
 
 def _kernel(method: str):

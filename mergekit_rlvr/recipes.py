@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from mergekit_rlvr.errors import UserError
+from mergekit_rlvr.kernels.coefficients import coefficient
 
-SUPPORTED_METHODS = ("dots", "sar", "reasoning_interp", "task_arithmetic")
 
 RecipeLike = Union[str, os.PathLike, Mapping[str, Any]]
 
@@ -42,12 +42,9 @@ def load_recipe(recipe: RecipeLike) -> Dict[str, Any]:
 
 def coefficient_names_of(recipe: Mapping[str, Any]) -> List[str]:
     """The coefficient names of a recipe, from the recipe alone (no files read)."""
-    method = recipe.get("merge_method")
-    _check_method(method)
-    if method == "sar":
-        return ["scale"]
-    if method == "reasoning_interp":
-        return ["alpha"]
+    meaning = coefficient(recipe.get("merge_method"))
+    if not meaning.per_model:
+        return [meaning.parameter]
     base = recipe.get("base_model")
     names = []
     for entry in recipe.get("models") or []:
@@ -73,17 +70,17 @@ def recipe_with_coefficients(recipe: Mapping[str, Any], coefficients) -> Dict[st
         by_name = _grouped_settings(names, layout, coefficients)
     else:
         by_name = dict(zip(names, normalize_coefficients(names, coefficients)))
-    method = out["merge_method"]
-    if method in ("sar", "reasoning_interp"):
+    meaning = coefficient(out["merge_method"])
+    if not meaning.per_model:
         params = out.get("parameters") or {}
-        params[names[0]] = by_name[names[0]]
+        params[meaning.parameter] = by_name[names[0]]
         out["parameters"] = params
         return out
     for entry in out.get("models") or []:
         name = _model_string(entry.get("model"))
         if name in by_name:
             params = entry.get("parameters") or {}
-            params["weight"] = by_name[name]
+            params[meaning.parameter] = by_name[name]
             entry["parameters"] = params
     return out
 
@@ -148,10 +145,8 @@ def _model_string(model: Any) -> str:
 
 
 def _check_method(method: Any) -> None:
-    if method not in SUPPORTED_METHODS:
-        raise UserError(
-            f"merge_method {method!r} cannot be hot-swapped; supported: {', '.join(SUPPORTED_METHODS)}"
-        )
+    """UserError in one line unless mergekit's registry says ``method`` can be hot-swapped."""
+    coefficient(method)
 
 
 def absolute_recipe(recipe: RecipeLike, models: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:

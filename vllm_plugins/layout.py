@@ -99,7 +99,9 @@ def _stand_in(template: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
 
 def record_layout(model: torch.nn.Module, checkpoint: Iterable[Tuple[str, torch.Size, torch.dtype]]) -> Layout:
     """Run ``model.load_weights`` on meta stand-ins; see the module docstring."""
-    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO, _get_original_loader
+    from vllm_plugins.vllm_compat import layerwise_reload
+
+    LAYERWISE_INFO, _get_original_loader = layerwise_reload()
 
     checkpoint = list(checkpoint)
     # uninitialized real tensors: their storage identifies them, their pages are never touched

@@ -92,13 +92,13 @@ def check_values(method: Optional[str], names: Sequence[str], values: Sequence[A
         if abs(number) > FLOAT32_MAX:
             raise UserError(f"coefficient {name!r} is {number:g}: beyond float32's range (|c| <= {FLOAT32_MAX:.4g}), "
                             f"in which the swap computes c * v")
-        if method == "reasoning_interp":
-            from mergekit_rlvr.methods.reasoning_interp import check_alpha
+        if method is not None:  # the method's own range (mergekit_rlvr.kernels.coefficients)
+            from mergekit_rlvr.kernels.coefficients import coefficient
 
             try:
-                check_alpha(number)
+                number = coefficient(method).check(number, name)
             except ValueError as error:
-                raise UserError(f"coefficient {name!r}: {error}") from None
+                raise UserError(str(error)) from None
         out.append(number)
     return out
 

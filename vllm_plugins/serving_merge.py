@@ -65,7 +65,9 @@ async def rpc_every_replica(engine_client, method: str, args: tuple = ()) -> lis
     engine 0's results only; its core client's ``call_utility_all_async`` (vLLM
     0.32) returns each engine's, so a replica that did not swap cannot go unseen.
     A vLLM without it gets ``collective_rpc``, which still reaches every engine."""
-    call_all = getattr(getattr(engine_client, "engine_core", None), "call_utility_all_async", None)
+    from .vllm_compat import call_every_engine
+
+    call_all = call_every_engine(engine_client)
     if call_all is None:
         return await engine_client.collective_rpc(method, args=args)
     per_engine = await call_all("collective_rpc", method, None, args, None)

@@ -16,7 +16,6 @@ Adding a method = a ``methods/`` module, a ``kernels/`` module with ``coefficien
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -24,8 +23,6 @@ from mergekit_rlvr.errors import UserError
 
 #: mergekit's own methods that are a fixed sum of task vectors, and their coefficient
 BUILT_IN = {"task_arithmetic": "weight"}
-#: coefficients multiply the vectors in float32: larger magnitudes are inf there
-LIMIT = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
@@ -36,18 +33,14 @@ class Coefficient:
     default: Optional[float]
     spec: Any  # mergekit's ParameterSpec
 
-    def check(self, value: Any, name: Optional[str] = None) -> float:
-        """The value as a float, or ValueError naming ``name`` (default: the parameter):
-        a finite number within the parameter's range and small enough for float32."""
+    def check(self, value: float, name: Optional[str] = None) -> float:
+        """``value`` (a finite float: :func:`vllm_plugins.rpc.check_values` checks that
+        and float32's range first) through the parameter's own validator, the check
+        mergekit runs when it plans; ValueError naming ``name`` (default: the parameter)."""
         from pydantic import TypeAdapter, ValidationError
 
         label = name or self.parameter
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"coefficient {label!r} must be a number, got {value!r}")
         number = float(value)
-        if not math.isfinite(number) or abs(number) > LIMIT:
-            raise ValueError(f"coefficient {label!r} is {number}: the merge computes in float32, so it must be "
-                             f"finite and at most {LIMIT:.4g} in magnitude")
         try:
             return float(TypeAdapter(self.spec.value_type).validate_python(number))
         except ValidationError as error:

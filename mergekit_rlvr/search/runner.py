@@ -29,19 +29,19 @@ def recipe_coefficients(recipe: Mapping[str, Any]) -> Dict[str, float]:
     alone; with ``search.groups``, from mergekit's plan (configs and indexes only)."""
     from mergekit_rlvr.decompose import _model_string, coefficient_names_of, decompose
     from mergekit_rlvr.groups import of_recipe
+    from mergekit_rlvr.kernels.coefficients import coefficient
 
     if of_recipe(recipe) is not None:
         return decompose(recipe).coefficient_dict()
 
     names = coefficient_names_of(recipe)
-    method = recipe.get("merge_method")
+    meaning = coefficient(recipe.get("merge_method"))
     params = recipe.get("parameters") or {}
-    if method in ("sar", "reasoning_interp"):
-        default = 1.0 if method == "sar" else 0.5
-        return {names[0]: float(params.get(names[0], default))}
+    if not meaning.per_model:  # the method's default (mergekit's spec) when the recipe leaves it out
+        return {names[0]: float(params.get(meaning.parameter, meaning.default))}
     weights = {}
     for entry in recipe.get("models") or []:
-        weight = (entry.get("parameters") or {}).get("weight", params.get("weight", 1.0))
+        weight = (entry.get("parameters") or {}).get(meaning.parameter, params.get(meaning.parameter, 1.0))
         weights[_model_string(entry.get("model"))] = weight
     return {name: float(weights.get(name, 1.0)) if isinstance(weights.get(name, 1.0), (int, float)) else 1.0
             for name in names}
