@@ -151,6 +151,20 @@ def fresh_results():
     return {}
 
 
+@pytest.fixture(scope="module")
+def reference():
+    """A plain vLLM engine (no hot swap) that loads each mergekit-yaml output through
+    vLLM's own loaders: started on the first directory, then ``reload_weights`` from
+    each next one (vLLM's loaders and process_weights_after_loading again; one engine
+    start for the module instead of one per output)."""
+    from vllm_plugins.hotswap import shutdown
+
+    engines = []
+    yield engines
+    for llm in engines:
+        shutdown(llm)
+
+
 def run(llm):
     """(texts, prompt logprobs, sampled logprobs) as plain lists."""
     outs = llm.generate(PROMPTS, sampling(), use_tqdm=False)
@@ -161,20 +175,21 @@ def run(llm):
     return texts, prompt, sampled
 
 
-def fresh(path):
-    """Outputs and readable weights of a fresh engine on a checkpoint directory."""
+def fresh(path, reference):
+    """Outputs and readable weights of vLLM's own load of a checkpoint directory."""
     from vllm import LLM
 
     from vllm_plugins import WORKER_EXTENSION
     from vllm_plugins.worker import decode_tensor
 
-    llm = LLM(model=str(path), worker_extension_cls=WORKER_EXTENSION, **ENGINE)
-    try:
-        result = run(llm)
-        weights = {k: decode_tensor(v) for k, v in llm.collective_rpc("hotswap_read", args=(None,))[0].items()}
-    finally:
-        del llm
-        gc.collect()
+    if not reference:
+        reference.append(LLM(model=str(path), worker_extension_cls=WORKER_EXTENSION, **ENGINE))
+    else:
+        reference[0].collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+        reference[0].reset_prefix_cache()
+    llm = reference[0]
+    result = run(llm)
+    weights = {k: decode_tensor(v) for k, v in llm.collective_rpc("hotswap_read", args=(None,))[0].items()}
     return result, weights
 
 
@@ -187,7 +202,7 @@ def assert_same_weights(ours, theirs):
 
 @pytest.mark.parametrize("paths", ["auto", "reload"])
 @pytest.mark.parametrize("method", ["dots", "sar", "reasoning_interp", "task_arithmetic"])
-def test_swap_equals_fresh_engine_on_materialized_merge(engine, setup, fresh_results, method, paths):
+def test_swap_equals_fresh_engine_on_materialized_merge(engine, setup, fresh_results, reference, method, paths):
     """In place (norms on the CPU backend) and through reload (everything)."""
     recipe, merged = setup[method]
     engine.load_recipe(str(recipe), coefficients=DETOUR[method], paths=paths)
@@ -200,7 +215,7 @@ def test_swap_equals_fresh_engine_on_materialized_merge(engine, setup, fresh_res
     ours = run(engine)
     weights = engine.read_weights()[0]
     if method not in fresh_results:  # one fresh engine per method
-        fresh_results[method] = fresh(merged)
+        fresh_results[method] = fresh(merged, reference)
     theirs, fresh_weights = fresh_results[method]
     assert ours[0] == theirs[0]
     assert ours[1] == theirs[1]  # prompt logprobs, exactly
@@ -216,7 +231,7 @@ def _recipe_value(recipe, method, name):
     return next(m["parameters"]["weight"] for m in recipe["models"] if m["model"] == name)
 
 
-def test_grouped_swap_equals_fresh_engine_on_materialized_merge(engine, setup, tiny_family):
+def test_grouped_swap_equals_fresh_engine_on_materialized_merge(engine, setup, tiny_family, reference):
     """search.groups: the recipe's filter values are read back as name@group
     coefficients; set from a detour they give mergekit-yaml's output exactly."""
     recipe, merged = setup["dots_groups"]
@@ -230,7 +245,7 @@ def test_grouped_swap_equals_fresh_engine_on_materialized_merge(engine, setup, t
     engine.set_coefficients(target)
     ours = run(engine)
     weights = engine.read_weights()[0]
-    theirs, fresh_weights = fresh(merged)
+    theirs, fresh_weights = fresh(merged, reference)
     assert ours == theirs
     assert_same_weights(weights, fresh_weights)
 

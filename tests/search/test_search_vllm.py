@@ -17,7 +17,7 @@ from support.files import load_state, mergekit_yaml, write_jsonl, write_recipe
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-ENGINE = dict(TINY_ENGINE)
+ENGINE = {**TINY_ENGINE, "enforce_eager": True}  # no torch.compile at start (tens of seconds on 2 cores)
 SEARCH = {"samples": 3, "max_tokens": 12, "temperature": 0.8, "engine": ENGINE}
 QUESTIONS = ["What is 1+1?", "Compute 2*3.", "What is 10-4?", "Half of 1?", "What is 7*8?", "Sum of 3 and 4?"]
 

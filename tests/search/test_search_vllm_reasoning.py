@@ -15,7 +15,7 @@ from support.files import write_jsonl
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-ENGINE = dict(TINY_ENGINE)
+ENGINE = {**TINY_ENGINE, "enforce_eager": True}  # no torch.compile at start (tens of seconds on 2 cores)
 QUESTIONS = ["What is 1+1?", "Compute 2*3.", "What is 10-4?"]
 
 
