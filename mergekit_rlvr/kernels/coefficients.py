@@ -17,7 +17,7 @@ Adding a method = a ``methods/`` module, a ``kernels/`` module with ``coefficien
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from mergekit_rlvr.errors import UserError
 
@@ -82,7 +82,3 @@ def coefficient(method: Any) -> Coefficient:
     default = None if spec.required else float(spec.default)
     return Coefficient(method, parameter, spec.scope.value == "non_base", default, spec)
 
-
-def table() -> Dict[str, Coefficient]:
-    """Every hot-swappable method's coefficient (for the README and checks)."""
-    return {name: coefficient(name) for name in hot_swappable()}
