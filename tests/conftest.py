@@ -32,6 +32,20 @@ def recipe_file(tmp_path_factory) -> Callable[..., Path]:
     return write
 
 
+@pytest.fixture(scope="session")
+def materialized(tiny_family, tmp_path_factory):
+    """``{case: (recipe file, mergekit-yaml output directory)}`` for every recipe of
+    ``support.recipes.table``, merged once for the session by the real mergekit-yaml."""
+    from support.files import mergekit_yaml_all
+    from support.recipes import table
+
+    root = tmp_path_factory.mktemp("materialized")
+    out = {name: (write_recipe(root / f"{name}.yml", recipe), root / f"out-{name}")
+           for name, recipe in table(tiny_family).items()}
+    mergekit_yaml_all(list(out.values()))
+    return out
+
+
 @pytest.fixture(scope="module")
 def engine(recipe, request):
     """One HotSwapLLM for the test module, on its ``recipe`` fixture with its ``ENGINE``

@@ -1,5 +1,7 @@
 """Bad input through the real `mergekit-yaml`: one error line naming the model,
-tensor, parameter or file; non-zero exit; no output that looks complete."""
+tensor, parameter or file; non-zero exit; no output that looks complete. Two cases
+(an execution-time and a planning-time error) run the console script in a fresh
+process; the others in children of the fork server (tests/support/mergekit_fork.py)."""
 
 import shutil
 from pathlib import Path
@@ -8,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import mergekit_yaml, write_recipe
+from conftest import BIN, mergekit_yaml, write_recipe
 
 pytestmark = pytest.mark.slow  # every case runs the real mergekit-yaml in a subprocess
 
@@ -52,9 +54,10 @@ CHECKPOINT_CASES = {
 }
 
 
-def _run_failing(tmp_path, recipe, *needles):
+def _run_failing(tmp_path, recipe, *needles, fresh_process=False):
     out = tmp_path / "out"
-    proc = mergekit_yaml(write_recipe(tmp_path / "bad.yml", recipe), out, check=False)
+    exe = BIN / "mergekit-yaml" if fresh_process else None
+    proc = mergekit_yaml(write_recipe(tmp_path / "bad.yml", recipe), out, exe=exe, check=False)
     # progress bars may redraw around it; the error itself is exactly one line
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert proc.returncode != 0, proc.stderr[-2000:]
@@ -73,7 +76,7 @@ def _run_failing(tmp_path, recipe, *needles):
 def test_bad_checkpoint(tiny_family, tmp_path, case):
     edit, needle = CHECKPOINT_CASES[case]
     bad = _variant(tiny_family["sft"], tmp_path / "bad-model", edit)
-    last = _run_failing(tmp_path, _dots(tiny_family["base"], bad), needle)
+    last = _run_failing(tmp_path, _dots(tiny_family["base"], bad), needle, fresh_process=case == "missing_tensor")
     if case != "resized_vocab":
         assert "bad-model" in last
 
@@ -103,7 +106,7 @@ def test_bad_parameter(tiny_family, tmp_path, recipe_params, needle):
 
 def test_missing_weight(tiny_family, tmp_path):
     recipe = {"merge_method": "dots", "base_model": tiny_family["base"], "models": [{"model": tiny_family["sft"]}]}
-    _run_failing(tmp_path, recipe, "weight", tiny_family["sft"])
+    _run_failing(tmp_path, recipe, "weight", tiny_family["sft"], fresh_process=True)
 
 
 def test_fisher_with_wrong_names_or_shapes(tiny_family, tmp_path):

@@ -5,16 +5,11 @@ values, writing coefficients back, and bad input."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
 
 from conftest import load_state
+from support.recipes import table
 
 from mergekit_rlvr.decompose import (
     coefficient_names_of,
@@ -23,81 +18,6 @@ from mergekit_rlvr.decompose import (
     recipe_with_coefficients,
 )
 from mergekit_rlvr.errors import UserError
-
-BIN = Path(sys.executable).parent
-
-
-def recipes(family):
-    return {
-        "dots": {
-            "merge_method": "dots",
-            "base_model": family["base"],
-            "models": [
-                {"model": family["sft"], "parameters": {"weight": 0.7, "density": 0.3}},
-                {"model": family["rl"], "parameters": {"weight": 1.3, "density": 0.5}},
-            ],
-            "dtype": "float32",
-        },
-        "dots_global": {  # sparsify: global (Eq. 2's one quantile), served == materialized too
-            "merge_method": "dots",
-            "base_model": family["base"],
-            "models": [
-                {"model": family["sft"], "parameters": {"weight": 0.7, "density": 0.3}},
-                {"model": family["rl"], "parameters": {"weight": 1.3, "density": 0.2}},
-            ],
-            "parameters": {"sparsify": "global", "rescale": "global"},
-            "dtype": "float32",
-        },
-        "sar": {
-            "merge_method": "sar",
-            "base_model": family["base"],
-            "models": [{"model": family["rl"]}, {"model": family["rl2"]}],
-            "parameters": {"scale": 1.4, "drop_rate": 0.3, "seed": 3},
-            "dtype": "float32",
-        },
-        "reasoning_interp": {
-            "merge_method": "reasoning_interp",
-            "base_model": family["base"],
-            "models": [{"model": family["sft"]}],
-            "parameters": {"alpha": 0.35},
-            "dtype": "float32",
-        },
-        "task_arithmetic": {
-            "merge_method": "task_arithmetic",
-            "base_model": family["base"],
-            "models": [
-                {"model": family["sft"], "parameters": {"weight": 0.4}},
-                {"model": family["rl"], "parameters": {"weight": 1.1}},
-            ],
-            "dtype": "float32",
-        },
-    }
-
-
-def run_parallel(jobs):
-    """Run the real mergekit-yaml console script on several recipes at once."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    procs = [
-        (out, subprocess.Popen([str(BIN / "mergekit-yaml"), str(recipe), str(out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env))
-        for recipe, out in jobs
-    ]
-    for out, proc in procs:
-        _, err = proc.communicate()
-        assert proc.returncode == 0, f"mergekit-yaml {out} failed:\n{err[-3000:]}"
-
-
-@pytest.fixture(scope="module")
-def materialized(tiny_family, tmp_path_factory):
-    root = tmp_path_factory.mktemp("decompose")
-    jobs, out = [], {}
-    for name, recipe in recipes(tiny_family).items():
-        path = root / f"{name}.yml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        out[name] = (path, root / f"out-{name}")
-        jobs.append(out[name])
-    run_parallel(jobs)
-    return out
 
 
 @pytest.mark.parametrize("method", ["dots", "dots_global", "sar", "reasoning_interp"])
@@ -137,7 +57,7 @@ def test_task_arithmetic_matches_to_rounding(materialized):
 
 
 def test_names_and_values(tiny_family):
-    r = recipes(tiny_family)
+    r = table(tiny_family)
     d = decompose(r["dots"])
     assert d.coefficient_names == [tiny_family["sft"], tiny_family["rl"]]
     assert d.coefficients == [0.7, 1.3]
@@ -149,7 +69,7 @@ def test_names_and_values(tiny_family):
 def test_dots_vectors_are_sparse_and_one_per_model(tiny_family):
     from mergekit_rlvr.methods.common import SparseVector
 
-    d = decompose(recipes(tiny_family)["dots"])
+    d = decompose(table(tiny_family)["dots"])
     task = d.tasks[0]
     base, vectors = d.tensor(task)
     assert len(vectors) == 2 and all(isinstance(v, SparseVector) for v in vectors)
@@ -160,7 +80,7 @@ def test_dots_vectors_are_sparse_and_one_per_model(tiny_family):
 
 
 def test_recipe_with_coefficients_round_trip(tiny_family):
-    r = recipes(tiny_family)
+    r = table(tiny_family)
     for method, new in [("dots", [0.25, 1.75]), ("sar", [0.6]), ("reasoning_interp", [0.9]),
                         ("task_arithmetic", [2.0, 0.0])]:
         names = coefficient_names_of(r[method])
@@ -172,7 +92,7 @@ def test_recipe_with_coefficients_round_trip(tiny_family):
 
 
 def test_unsupported_method_lists_supported(tiny_family):
-    recipe = dict(recipes(tiny_family)["task_arithmetic"], merge_method="ties")
+    recipe = dict(table(tiny_family)["task_arithmetic"], merge_method="ties")
     with pytest.raises(UserError, match="supported: dots, sar, reasoning_interp, task_arithmetic"):
         decompose(recipe)
 
@@ -181,7 +101,7 @@ def test_mismatched_checkpoint_is_named(tiny_family, tmp_path):
     from mergekit_rlvr.toy.tiny import write_family
 
     other = write_family(str(tmp_path / "wide"), {"sft": (0.1, 1.0)}, intermediate=320)
-    recipe = recipes(tiny_family)["dots"]
+    recipe = table(tiny_family)["dots"]
     recipe["models"][1]["model"] = other["sft"]
     d = decompose(recipe)
     with pytest.raises(UserError, match=f"model {other['sft']}.*mlp"):
@@ -216,7 +136,7 @@ def test_select_queries_engine_serves_each_source_model_itself(tiny_family, meth
     from mergekit_rlvr.methods.common import combine
     from mergekit_rlvr.search.select import source_recipe
 
-    recipe = recipes(tiny_family)[method]
+    recipe = table(tiny_family)[method]
     recipe["parameters"] = {"rescale": "global", "density": 0.3} if method == "dots" else {"lambda": 0.6}
     d = decompose(source_recipe(recipe))
     sparse = decompose(source_recipe(recipe, "sparsified"))
@@ -310,7 +230,7 @@ def test_one_coefficient_validator_refuses_float32_overflow(tiny_family):
     from vllm_plugins.rpc import FLOAT32_MAX, check_values
     from vllm_plugins.serving_merge import MergeRequestError, check_method_values
 
-    d = decompose(recipes(tiny_family)["dots"])
+    d = decompose(table(tiny_family)["dots"])
     names = d.coefficient_names
     with pytest.raises(UserError, match=f"coefficient '{names[0]}' is 1e\\+39: beyond float32's range"):
         d.check_coefficients([1e39, 1.0])
@@ -328,7 +248,7 @@ def test_workers_take_the_drivers_prepass(tiny_family):
     """Decomposition.prepared_state: what the driver's pre-pass learned (dots'
     thresholds and norms) is adopted by another decomposition of the same recipe
     (a vLLM worker) without reading every checkpoint again: same merge, bit for bit."""
-    recipe = recipes(tiny_family)["dots"]
+    recipe = table(tiny_family)["dots"]
     driver = decompose(recipe)
     state = driver.prepared_state()
     worker = decompose(recipe)
@@ -336,7 +256,7 @@ def test_workers_take_the_drivers_prepass(tiny_family):
     assert worker._prepared and worker._context.thresholds == driver._context.thresholds
     for task in driver.tasks[:3]:
         assert torch.equal(packed_merge(worker, task).view(torch.int32), driver.merged(task).view(torch.int32))
-    assert decompose(recipes(tiny_family)["sar"]).prepared_state() is None  # Fisher stores: each process opens them
+    assert decompose(table(tiny_family)["sar"]).prepared_state() is None  # Fisher stores: each process opens them
 
 
 @pytest.mark.parametrize("scales", [(1.25, 1.25), (1.25, 0.5)])

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import load_state
-from test_decompose import run_parallel
+from support.files import mergekit_yaml_all
 
 from mergekit_rlvr import groups as grp
 from mergekit_rlvr.decompose import decompose, recipe_with_coefficients
@@ -84,7 +84,7 @@ def written(tiny_family, tmp_path_factory):
         jobs.append((path, root / f"out-{name}"))
     (root / "plain.yml").write_text(yaml.safe_dump(plain, sort_keys=False))
     jobs.append((root / "plain.yml", root / "out-plain"))
-    run_parallel(jobs)
+    mergekit_yaml_all(jobs)
     out["plain"] = root / "out-plain"
     return out
 

@@ -12,17 +12,17 @@ from __future__ import annotations
 import gc
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from support import recipes
+from support.files import mergekit_yaml, write_recipe
+
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-BIN = Path(sys.executable).parent
 ENGINE = dict(
     dtype="float32",
     kv_cache_memory_bytes=64 * 2**20,
@@ -41,55 +41,13 @@ def sampling():
     return SamplingParams(max_tokens=6, temperature=0.0, prompt_logprobs=2, logprobs=2)
 
 
-def recipes(family):
-    return {
-        "dots": {
-            "merge_method": "dots",
-            "base_model": family["base"],
-            "models": [
-                {"model": family["sft"], "parameters": {"weight": 0.7, "density": 0.3}},
-                {"model": family["rl"], "parameters": {"weight": 1.6, "density": 0.3}},
-            ],
-            "dtype": "float32",
-        },
-        "sar": {
-            "merge_method": "sar",
-            "base_model": family["base"],
-            "models": [{"model": family["rl"]}, {"model": family["rl2"]}],
-            "parameters": {"scale": 1.8, "drop_rate": 0.3, "seed": 3},
-            "dtype": "float32",
-        },
-        "reasoning_interp": {
-            "merge_method": "reasoning_interp",
-            "base_model": family["base"],
-            "models": [{"model": family["sft"]}],
-            "parameters": {"alpha": 0.65},
-            "dtype": "float32",
-        },
-        "task_arithmetic": {
-            "merge_method": "task_arithmetic",
-            "base_model": family["base"],
-            "models": [
-                {"model": family["sft"], "parameters": {"weight": 0.4}},
-                {"model": family["rl"], "parameters": {"weight": 1.1}},
-            ],
-            "parameters": {"lambda": 0.9},
-            "dtype": "float32",
-        },
-        # one coefficient per module group, written as search's best.yml writes them
-        "dots_groups": {
-            "merge_method": "dots",
-            "base_model": family["base"],
-            "models": [
-                {"model": family[name], "parameters": {"density": 0.3, "weight": [
-                    {"filter": "attn", "value": a}, {"filter": "mlp", "value": m},
-                    {"filter": "norm", "value": n}, {"value": rest}]}}
-                for name, (a, m, n, rest) in GROUP_VALUES.items()
-            ],
-            "dtype": "float32",
-            "search": {"groups": ["attention", "mlp", "norms"]},
-        },
-    }
+def grouped_dots(family):
+    """One coefficient per module group, written as search's best.yml writes them."""
+    recipe = recipes.dots(family, densities=(0.3, 0.3), search={"groups": ["attention", "mlp", "norms"]})
+    for entry, (a, m, n, rest) in zip(recipe["models"], GROUP_VALUES.values()):
+        entry["parameters"]["weight"] = [{"filter": "attn", "value": a}, {"filter": "mlp", "value": m},
+                                         {"filter": "norm", "value": n}, {"value": rest}]
+    return recipe
 
 
 GROUP_VALUES = {"sft": (0.4, 1.7, 0.9, 1.2), "rl": (1.5, 0.2, 1.1, 0.6)}
@@ -100,22 +58,16 @@ DETOUR = {"dots": [0.1, 2.0], "sar": [0.3], "reasoning_interp": [0.1], "task_ari
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_family, tmp_path_factory):
+def setup(tiny_family, materialized, tmp_path_factory):
+    """The session's mergekit-yaml outputs (conftest ``materialized``), the grouped
+    recipe's, and task_arithmetic's as combine computes it."""
     root = tmp_path_factory.mktemp("hotswap")
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    out, procs = {}, []
-    for name, recipe in recipes(tiny_family).items():
-        path = root / f"{name}.yml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        out[name] = (path, root / f"merged-{name}")
-        if name == "task_arithmetic":  # mergekit's own kernel sums in another order: combine's output
-            write_combined(path, out[name][1])
-            continue
-        procs.append(subprocess.Popen([str(BIN / "mergekit-yaml"), str(path), str(out[name][1])],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env))
-    for proc in procs:
-        _, err = proc.communicate()
-        assert proc.returncode == 0, err[-3000:]
+    out = dict(materialized)
+    out["dots_groups"] = (write_recipe(root / "dots_groups.yml", grouped_dots(tiny_family)), root / "merged-groups")
+    mergekit_yaml(*out["dots_groups"])
+    # mergekit's own task_arithmetic kernel sums in another order: combine's output
+    out["task_arithmetic"] = (materialized["task_arithmetic"][0], root / "merged-task_arithmetic")
+    write_combined(*out["task_arithmetic"])
     return out
 
 
@@ -334,7 +286,7 @@ def test_mismatched_checkpoint_refused_before_the_engine_starts(tiny_family, tmp
     from vllm_plugins import HotSwapLLM
 
     other = write_family(str(tmp_path / "wide"), {"sft": (0.1, 1.0)}, intermediate=320)
-    recipe = recipes(tiny_family)["dots"]
+    recipe = recipes.table(tiny_family)["dots"]
     recipe["models"][1]["model"] = other["sft"]
     with pytest.raises(ValueError, match=f"model {other['sft']}.*shape"):
         HotSwapLLM.from_recipe(recipe, **ENGINE)

@@ -1,79 +1,36 @@
 """Recipes that name Hugging Face ids, offline: a Hugging Face cache directory in the
-hub's own layout (``models--org--name/{blobs,refs,snapshots/<commit>}``, snapshot
-files symlinked to content-addressed blobs) built from the tiny generated family, with
-``HF_HUB_OFFLINE=1`` and ``HF_HUB_CACHE`` set.
-
-``toy-org/tiny-sft`` has two commits: ``main`` holds other weights (rl2's) and the
-branch ``v1`` holds sft's; the recipe names ``toy-org/tiny-sft@v1``, so a resolution
-that ignored the revision would give other weights. Known answers: the hub-id engine's
-readable weights equal ``mergekit-yaml`` of the same recipe written with local paths;
-the server's greedy completion equals the HotSwapLLM engine's at the same coefficients.
-One HotSwapLLM engine for the module (search runs on it too) and one server.
+hub's own layout built from the tiny generated family (tests/support/hub.py), with
+``HF_HUB_OFFLINE=1`` and ``HF_HUB_CACHE`` set. Known answers: the hub-id engine's
+readable weights equal ``mergekit-yaml`` of the same recipe written with local paths.
+One HotSwapLLM engine for the module (search runs on it too). Serving a hub-id
+recipe is checked on test_serve_replicas's server (one server start fewer).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import load_state, mergekit_yaml, write_recipe
+from support.files import BIN, load_state, mergekit_yaml, write_recipe
+from support.hub import BASE, RL, SFT_V1, commit_of, hub_env, write_hub_cache
 
-BIN = Path(sys.executable).parent
 ENGINE = {"dtype": "float32", "max_model_len": 256, "kv_cache_memory_bytes": 64 << 20, "seed": 0,
           "enforce_eager": True}
-SFT_V1 = "toy-org/tiny-sft@v1"
-RL = "toy-org/tiny-rl"
-BASE = "toy-org/tiny-base"
 WEIGHTS = {SFT_V1: 0.7, RL: 1.6}
-STARTUP_TIMEOUT = 600  # a loaded 2-core machine needs minutes for a server and its engine
-
-
-def commit_of(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()
-
-
-def add_commit(cache: Path, repo: str, source: str, commit: str, refs=("main",)) -> Path:
-    """One commit of ``repo`` as huggingface_hub's cache stores it; returns the snapshot."""
-    root = cache / ("models--" + repo.replace("/", "--"))
-    snapshot = root / "snapshots" / commit
-    (root / "blobs").mkdir(parents=True, exist_ok=True)
-    (root / "refs").mkdir(exist_ok=True)
-    snapshot.mkdir(parents=True)
-    for file in sorted(Path(source).iterdir()):
-        blob = hashlib.sha256(file.read_bytes()).hexdigest()
-        if not (root / "blobs" / blob).exists():
-            shutil.copyfile(file, root / "blobs" / blob)
-        (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / blob)
-    for ref in refs:
-        (root / "refs" / ref).write_text(commit)  # no newline, like the hub's own
-    return snapshot
 
 
 @pytest.fixture(scope="module")
 def hub(tiny_family, tmp_path_factory):
     cache = tmp_path_factory.mktemp("hf-cache")
-    snaps = {
-        BASE: add_commit(cache, BASE, tiny_family["base"], commit_of("base")),
-        SFT_V1: add_commit(cache, "toy-org/tiny-sft", tiny_family["sft"], commit_of("sft-v1"), refs=("v1",)),
-        "toy-org/tiny-sft": add_commit(cache, "toy-org/tiny-sft", tiny_family["rl2"], commit_of("sft-main")),
-        RL: add_commit(cache, RL, tiny_family["rl"], commit_of("rl")),
-    }
+    snapshots = write_hub_cache(cache, tiny_family)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_HUB_CACHE", str(cache))
-        yield {"cache": cache, "snapshots": {k: str(v) for k, v in snaps.items()}}
+        for key, value in hub_env(cache).items():
+            mp.setenv(key, value)
+        yield {"cache": cache, "snapshots": snapshots}
 
 
 def dots_recipe(base, sft, rl, **extra):
@@ -152,7 +109,7 @@ def test_hotswap_on_hub_ids_equals_mergekit_yaml_on_paths(engine, hub, tiny_fami
     engine.set_coefficients(WEIGHTS)
     local = write_recipe(tmp_path / "local.yml", dots_recipe(tiny_family["base"], tiny_family["sft"],
                                                             tiny_family["rl"]))
-    mergekit_yaml(local, tmp_path / "merged")
+    mergekit_yaml(local, tmp_path / "merged", exe=BIN / "mergekit-yaml")  # a fresh process: the hub environment
     merged = load_state(tmp_path / "merged")
     ours = engine.read_weights()[0]
     shared = [name for name in ours if name in merged]
@@ -184,61 +141,3 @@ def test_search_on_hub_ids(engine, recipe, tmp_path):
     assert best["base_model"] == BASE
     assert [m["model"] for m in best["models"]] == [SFT_V1, RL]
     assert [m["parameters"]["weight"] for m in best["models"]] == list(summary["selected"]["coefficients"].values())
-
-
-# ------------------------------------------------------------------ one server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(hub, recipe, tmp_path_factory):
-    requests = pytest.importorskip("requests")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("hub-serve") / "server.log"
-    cmd = [str(BIN / "mergekit-rlvr"), "serve", str(recipe), "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"server not ready:\n{log.read_text()[-3000:]}"
-            try:
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)  # poll interval; the deadline bounds the wait
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-
-
-@pytest.mark.vllm
-@pytest.mark.slow
-def test_serve_on_hub_ids(server, engine, hub):
-    import requests
-    from vllm import SamplingParams
-
-    merge = requests.get(server + "/v1/merge", timeout=60).json()
-    assert merge["coefficients"] == WEIGHTS
-    model = requests.get(server + "/v1/models", timeout=60).json()["data"][0]
-    assert model["root"] == hub["snapshots"][BASE]
-    engine.set_coefficients(WEIGHTS)
-    expected = engine.generate(["hello world"], SamplingParams(max_tokens=8, temperature=0.0),
-                               use_tqdm=False)[0].outputs[0].text
-    body = {"model": model["id"], "prompt": "hello world", "max_tokens": 8, "temperature": 0}
-    got = requests.post(server + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
-    assert got == expected

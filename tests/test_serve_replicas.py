@@ -1,6 +1,7 @@
 """`serve --data-parallel-size 2`: one API server, two vLLM engines (replicas). One
 POST /v1/merge swaps both before any request runs on the new version; modes with one
-API server per replica are refused in one line that says what to run instead."""
+API server per replica are refused in one line that says what to run instead. The
+served recipe names Hugging Face ids (an offline cache: tests/support/hub.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mergekit_yaml, write_recipe
+from support.files import mergekit_yaml, write_recipe
+from support.hub import BASE, RL, SFT_V1, hub_env, write_hub_cache
+from support.server import AUTH, REQUEST_TIMEOUT, get_merge, post_merge, score, start_server
 
 requests = pytest.importorskip("requests")
 
@@ -60,24 +63,32 @@ def per_engine_requests(server, auth) -> dict:
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_data_parallel_replicas_swap_together(tiny_family, tmp_path):
-    from test_serve import AUTH, post_merge, score, start_server
-
-    sft, rl = tiny_family["sft"], tiny_family["rl"]
-    recipe = {"merge_method": "dots", "base_model": tiny_family["base"], "dtype": "float32",
-              "models": [{"model": sft, "parameters": {"weight": 0.79}},
-                         {"model": rl, "parameters": {"weight": 1.82}}],
+    """Also serving hub ids: the server resolves them in the cache, reports the names
+    as written and the base's snapshot, and its logprobs are those of mergekit-yaml's
+    merge of the same recipe written with local paths."""
+    snapshots = write_hub_cache(tmp_path / "hf-cache", tiny_family)
+    recipe = {"merge_method": "dots", "base_model": BASE, "dtype": "float32",
+              "models": [{"model": SFT_V1, "parameters": {"weight": 0.79}},
+                         {"model": RL, "parameters": {"weight": 1.82}}],
               "parameters": {"density": 0.3}}
     served = write_recipe(tmp_path / "dots.yml", recipe)
-    new = {sft: 1.5, rl: 0.5}
+    new = {SFT_V1: 1.5, RL: 0.5}
+    local = {BASE: tiny_family["base"], SFT_V1: tiny_family["sft"], RL: tiny_family["rl"]}
+    recipe["base_model"] = local[BASE]
     for model in recipe["models"]:
         model["parameters"]["weight"] = new[model["model"]]
+        model["model"] = local[model["model"]]
     merged = tmp_path / "merged-new"
     mergekit_yaml(write_recipe(tmp_path / "dots-new.yml", recipe), merged)
     expected = reference_logprobs(merged, PROMPT, TOKENS)
 
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1")
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1", **hub_env(tmp_path / "hf-cache"))
     server = start_server(served, tmp_path / "server.log", "--data-parallel-size", "2", env=env)
     try:
+        assert get_merge(server).json()["coefficients"] == {SFT_V1: 0.79, RL: 1.82}  # the names as written
+        models = requests.get(server.url + "/v1/models", headers=AUTH, timeout=REQUEST_TIMEOUT).json()["data"]
+        assert models[0]["root"] == snapshots[BASE]
+
         def all_replicas_score() -> tuple[list, dict]:
             before = per_engine_requests(server, AUTH)
             with ThreadPoolExecutor(CONCURRENT) as pool:

@@ -42,6 +42,22 @@ def reasoning_interp(family: Family, alpha: float = 0.5, search: Optional[Dict[s
 
 
 def task_arithmetic(family: Family, weights: Sequence[float] = (1.0, 1.0), models: Sequence[str] = ("sft", "rl"),
+                    parameters: Optional[Dict[str, Any]] = None,
                     search: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     entries = [{"model": family[m], "parameters": {"weight": w}} for m, w in zip(models, weights)]
-    return _finish({"merge_method": "task_arithmetic", "base_model": family["base"], "models": entries}, None, search)
+    recipe = {"merge_method": "task_arithmetic", "base_model": family["base"], "models": entries}
+    return _finish(recipe, parameters, search)
+
+
+def table(family: Family) -> Dict[str, Dict[str, Any]]:
+    """One recipe per case that both the decomposition (test_decompose) and the hot
+    swap (test_hotswap) check against mergekit-yaml's output (``materialized`` in
+    conftest.py); fresh dicts on every call."""
+    return {
+        "dots": dots(family, (0.7, 1.3), (0.3, 0.5)),
+        # sparsify: global (Eq. 2's one quantile), served == materialized too
+        "dots_global": dots(family, (0.7, 1.3), (0.3, 0.2), parameters={"sparsify": "global", "rescale": "global"}),
+        "sar": sar(family, scale=1.4, drop_rate=0.3, seed=3),
+        "reasoning_interp": reasoning_interp(family, alpha=0.35),
+        "task_arithmetic": task_arithmetic(family, (0.4, 1.1), parameters={"lambda": 0.9}),
+    }
