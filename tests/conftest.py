@@ -47,6 +47,18 @@ def materialized(tiny_family, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def in_process_engines():
+    """vLLM engine cores started in the test process for the module
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as the demo and search workers run them):
+    seconds to start instead of tens. For modules whose engine is a vehicle (search,
+    eval, hub ids); test_hotswap and the servers keep vLLM's default, a separate engine
+    core process, so the RPC path across processes stays under test."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        yield
+
+
+@pytest.fixture(scope="module")
 def engine(recipe, request):
     """One HotSwapLLM for the test module, on its ``recipe`` fixture with its ``ENGINE``
     keyword arguments (support.engines.hotswap_engine), closed after the module."""

@@ -16,7 +16,7 @@ import yaml
 from conftest import write_recipe
 
 pytest.importorskip("lm_eval")
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.usefixtures("in_process_engines")]
 
 ENGINE = {"dtype": "float32", "max_model_len": 256, "kv_cache_memory_bytes": 64 << 20, "seed": 0,
           "enforce_eager": True}

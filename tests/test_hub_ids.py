@@ -92,7 +92,7 @@ def test_decompose_keeps_names_as_written(hub, recipe):
 
 # ------------------------------------------------------------------ one engine
 @pytest.fixture(scope="module")
-def engine(hub, recipe):
+def engine(hub, recipe, in_process_engines):
     from vllm_plugins.hotswap import HotSwapLLM
 
     llm = HotSwapLLM.from_recipe(str(recipe), **ENGINE)

@@ -148,6 +148,7 @@ def test_dots_merge_of_the_family_with_mergekit_yaml(family, tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.usefixtures("in_process_engines")
 def test_evaluate_with_vllm_matches_hf_greedy(family):
     from mergekit_rlvr.toy.evaluate import evaluate, generate_hf, generate_vllm, vllm_kwargs
     from vllm import LLM

@@ -15,7 +15,7 @@ from support import recipes
 from support.engines import TINY_ENGINE, opener
 from support.files import load_state, mergekit_yaml, write_jsonl, write_recipe
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.usefixtures("in_process_engines")]
 
 ENGINE = {**TINY_ENGINE, "enforce_eager": True}  # no torch.compile at start (tens of seconds on 2 cores)
 SEARCH = {"samples": 3, "max_tokens": 12, "temperature": 0.8, "engine": ENGINE}

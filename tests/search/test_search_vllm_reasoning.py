@@ -13,7 +13,7 @@ from support import recipes
 from support.engines import TINY_ENGINE
 from support.files import write_jsonl
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.usefixtures("in_process_engines")]
 
 ENGINE = {**TINY_ENGINE, "enforce_eager": True}  # no torch.compile at start (tens of seconds on 2 cores)
 QUESTIONS = ["What is 1+1?", "Compute 2*3.", "What is 10-4?"]

@@ -68,8 +68,8 @@ _SERVER = None
 
 
 def _environment() -> dict:
-    """os.environ less what pytest changes per test."""
-    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    """os.environ less what pytest changes per test and vLLM's settings (not mergekit's)."""
+    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST" and not k.startswith("VLLM_")}
 
 
 def load_state(path) -> dict:
