@@ -53,9 +53,15 @@ def in_process_engines():
     seconds to start instead of tens. For modules whose engine is a vehicle (search,
     eval, hub ids); test_hotswap and the servers keep vLLM's default, a separate engine
     core process, so the RPC path across processes stays under test."""
+    from vllm import envs
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        envs.disable_envs_cache()
         yield
+    # an engine core in this process froze vLLM's environment variables (vllm.envs caches them once
+    # an engine has started); later modules' settings must be read again
+    envs.disable_envs_cache()
 
 
 @pytest.fixture(scope="module")
