@@ -62,6 +62,28 @@ def wait_running(server, count: int, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
+def _stream(server, path: str, body: dict, out: dict):
+    """POST a streaming request; records the status, the header version, ``done`` and
+    any error in ``out`` and yields each server-sent event's choice."""
+    out.update(error=None, done=False, start=time.monotonic())
+    with requests.post(server.url + path, json=body, headers=AUTH, stream=True, timeout=REQUEST_TIMEOUT) as response:
+        out["status"] = response.status_code
+        out["version"] = response.headers.get("x-merge-version")
+        for line in response.iter_lines():
+            if not line.startswith(b"data: "):
+                continue
+            payload = line[len(b"data: "):]
+            if payload == b"[DONE]":
+                out["done"] = True
+                break
+            event = json.loads(payload)
+            if "error" in event:
+                out["error"] = event["error"]
+                continue
+            yield event["choices"][0]
+    out["end"] = time.monotonic()
+
+
 def stream_generate(server, token_ids, max_tokens=GEN_TOKENS, started: threading.Event | None = None) -> dict:
     """Greedy streamed generation through the token API: tokens, their logprobs,
     the header version, the engine's weight-version spans, any error. ``started``
@@ -69,31 +91,14 @@ def stream_generate(server, token_ids, max_tokens=GEN_TOKENS, started: threading
     body = {"token_ids": token_ids, "stream": True,
             "sampling_params": {"max_tokens": max_tokens, "temperature": 0, "logprobs": 0,
                                 "ignore_eos": True}}
-    out = {"kind": "generate", "prompt": token_ids, "tokens": [], "logprobs": [], "spans": None,
-           "error": None, "done": False, "start": time.monotonic()}
-    with requests.post(server.url + "/inference/v1/generate", json=body, headers=AUTH,
-                       stream=True, timeout=REQUEST_TIMEOUT) as response:
-        out["status"] = response.status_code
-        out["version"] = response.headers.get("x-merge-version")
-        for line in response.iter_lines():
-            if not line.startswith(b"data: "):
-                continue
-            payload = line[len(b"data: "):]
-            if payload == b"[DONE]":
-                out["done"] = True
-                break
-            event = json.loads(payload)
-            if "error" in event:
-                out["error"] = event["error"]
-                continue
-            choice = event["choices"][0]
-            out["tokens"] += choice["token_ids"]
-            if started is not None:
-                started.set()
-            out["logprobs"] += [entry["logprob"] for entry in choice["logprobs"]["content"]]
-            if choice.get("weight_versions") is not None:
-                out["spans"] = choice["weight_versions"]
-    out["end"] = time.monotonic()
+    out = {"kind": "generate", "prompt": token_ids, "tokens": [], "logprobs": [], "spans": None}
+    for choice in _stream(server, "/inference/v1/generate", body, out):
+        out["tokens"] += choice["token_ids"]
+        if started is not None:
+            started.set()
+        out["logprobs"] += [entry["logprob"] for entry in choice["logprobs"]["content"]]
+        if choice.get("weight_versions") is not None:
+            out["spans"] = choice["weight_versions"]
     return out
 
 
@@ -101,24 +106,9 @@ def stream_completion(server, model, prompt, max_tokens=GEN_TOKENS) -> dict:
     """Streamed text completion (OpenAI API): header version, text, any error."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "ignore_eos": True}
-    out = {"kind": "completion", "text": "", "error": None, "done": False, "start": time.monotonic()}
-    with requests.post(server.url + "/v1/completions", json=body, headers=AUTH,
-                       stream=True, timeout=REQUEST_TIMEOUT) as response:
-        out["status"] = response.status_code
-        out["version"] = response.headers.get("x-merge-version")
-        for line in response.iter_lines():
-            if not line.startswith(b"data: "):
-                continue
-            payload = line[len(b"data: "):]
-            if payload == b"[DONE]":
-                out["done"] = True
-                break
-            event = json.loads(payload)
-            if "error" in event:
-                out["error"] = event["error"]
-                continue
-            out["text"] += event["choices"][0]["text"]
-    out["end"] = time.monotonic()
+    out = {"kind": "completion", "text": ""}
+    for choice in _stream(server, "/v1/completions", body, out):
+        out["text"] += choice["text"]
     return out
 
 
