@@ -31,6 +31,8 @@ LOG = logging.getLogger(__name__)
 class SarMerge(PreparedMergeMethod):
     #: the parameter a hot-swap coefficient sets (mergekit_rlvr.kernels.coefficients)
     coefficient = "scale"
+    #: the context is the Fisher stores, open files each process opens itself
+    picklable_context = False
     spec = MergeMethodSpec(
         name="sar",
         pretty_name="SAR-Merging (Fisher-arbitrated conflicts, DARE on the low private half)",
