@@ -5,14 +5,8 @@ from __future__ import annotations
 from typing import Any, Dict
 
 import torch
-from mergekit.merge_methods.base import (
-    BasePolicy,
-    InputContract,
-    MergeMethodSpec,
-    ParameterScope,
-    ParameterSpec,
-    TensorGroup,
-)
+from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethodSpec
+from mergekit.merge_methods.base import ParameterScope, ParameterSpec, TensorGroup
 
 from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked, choice, label
 from mergekit_rlvr.methods.common import MaskedVector, RecomputedVector, task_vector

@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import torch
-from mergekit.merge_methods.base import (
-    BasePolicy,
-    InputContract,
-    MergeMethodSpec,
-    ParameterScope,
-    ParameterSpec,
-    TensorGroup,
-)
+from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethodSpec
+from mergekit.merge_methods.base import ParameterScope, ParameterSpec, TensorGroup
 
 from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked
 from mergekit_rlvr.methods.common import RecomputedVector

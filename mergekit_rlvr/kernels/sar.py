@@ -6,14 +6,8 @@ import logging
 from typing import Optional
 
 import torch
-from mergekit.merge_methods.base import (
-    BasePolicy,
-    InputContract,
-    MergeMethodSpec,
-    ParameterScope,
-    ParameterSpec,
-    TensorGroup,
-)
+from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethodSpec
+from mergekit.merge_methods.base import ParameterScope, ParameterSpec, TensorGroup
 
 from mergekit_rlvr.io.fisher import fisher_store
 from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked, flag, label
