@@ -110,7 +110,7 @@ def run_select_queries(
     recipe = load_recipe(recipe_path)
     _source_parameters(recipe, f"recipe {recipe_path}")
     settings = load_settings(recipe.get("search"), {**(overrides or {}), "samples": samples, "seed": seed,
-                                                    "objective": "dots"}, "dots")
+                                                    "objective": "dots"}, str(recipe.get("merge_method", "")))
     pool = load_queries(pool_path)
     engine_recipe = source_recipe(recipe, sources)
     names = list(recipe_coefficients(engine_recipe))
