@@ -6,9 +6,11 @@ mergekit's ``MergePlanner``, so the tensors, their input names, dtypes and every
 per-tensor parameter (filters, gradients, defaults) are exactly what
 ``mergekit-yaml`` would use. The whole-model pre-pass (DoTS thresholds and global
 gamma, SAR's Fisher files, input checks) is the mergekit kernel's own ``prepare``;
-the per-tensor vectors come from the same functions in ``mergekit_rlvr.methods``
-that the kernels call, so ``combine(base, vectors, coefficients)`` reproduces the
-materialized merge bit for bit (dots, sar, reasoning_interp).
+the per-tensor vectors are the kernel's own ``vectors`` (and ``swap_vectors``, the
+form the hot swap stores), calling the same functions in ``mergekit_rlvr.methods``
+as its merge, so ``combine(base, vectors, coefficients)`` reproduces the
+materialized merge bit for bit (dots, sar, reasoning_interp). mergekit's own
+``task_arithmetic`` is described the same way by ``kernels/task_arithmetic.py``.
 
 Coefficient names: ``dots`` and ``task_arithmetic`` have one per model, named by
 the recipe's ``model:`` string, in recipe order; ``sar`` has ``scale``;
@@ -21,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import List, Mapping, Optional, Tuple
 
-from mergekit_rlvr.decomposition import Decomposition, TensorTask, _kernel, _spec  # noqa: F401
+from mergekit_rlvr.decomposition import Decomposition, TensorTask, _spec  # noqa: F401
 from mergekit_rlvr.errors import UserError
 from mergekit_rlvr.kernels.coefficients import coefficient
 from mergekit_rlvr.recipes import (  # noqa: F401  (this module's historical public names)

@@ -55,30 +55,24 @@ class Decomposition:
                             normalize_coefficients(self.coefficient_names, coefficients))
 
     def prepare(self) -> None:
-        """The whole-model pre-pass (reads every tensor once, checks inputs)."""
+        """The whole-model pre-pass (reads every tensor once, checks inputs): the
+        method's own (``swap_context``, :func:`mergekit_rlvr.kernels.coefficients.description`)."""
         if self._prepared:
             return
-        first = self.tasks[0]
-        group, parameters, dtype = self._group(first)
-        if _ours(self.method):
-            kernel = _kernel(self.method)
-            self._context = kernel._context([group], [parameters], [dtype])
-        else:
-            from mergekit_rlvr.kernels.base import stream_checkpoints
-
-            for _ in stream_checkpoints(self.base, self.models, dtype, "task_arithmetic: checking inputs"):
-                pass
+        group, parameters, dtype = self._group(self.tasks[0])
+        self._context = self._described().swap_context(group, parameters, dtype)
         self._prepared = True
 
     def prepared_state(self) -> Optional[bytes]:
         """The pre-pass's small result (dots' per-tensor thresholds and norms; nothing
-        for reasoning_interp and task_arithmetic, whose pre-pass only checks inputs),
-        so that other processes (vLLM's workers) skip reading every checkpoint again;
-        None for sar (its Fisher stores are files each process opens itself)."""
+        for methods whose pre-pass only checks inputs), so that other processes
+        (vLLM's workers) skip reading every checkpoint again; None where the method's
+        context cannot be pickled (``picklable_context``: sar's Fisher stores are
+        files each process opens itself)."""
         import pickle
 
         self.prepare()
-        if self.method == "sar":
+        if not self._described().picklable_context:
             return None
         return pickle.dumps(self._context)
 
@@ -92,51 +86,16 @@ class Decomposition:
 
     def tensor(self, task: TensorTask) -> Tuple[Any, List[Any]]:
         """(base, vectors) of one tensor: base in the merge dtype, vectors as
-        ``combine`` takes them, one per coefficient."""
-        self.prepare()
-        group, parameters, _dtype = self._group(task)
-        return group.base.tensor, self._vectors(task, group, parameters)
+        ``combine`` takes them, one per coefficient (the method's ``vectors``)."""
+        return self._vectors(task, stored=False)
 
     def sources(self, task: TensorTask) -> Tuple[Any, List[Any]]:
-        """(base, vectors) of one tensor in the form the hot swap stores: each
-        vector a ``RecomputedVector`` (the fine-tuned model's own values, its mask
-        and scalar: dots, task_arithmetic, reasoning_interp) or the kernel's dense
-        float32 vector (sar). ``combine`` on them equals ``combine`` on
-        :meth:`tensor`'s vectors bit for bit."""
-        self.prepare()
-        group, parameters, _dtype = self._group(task)
-        base = group.base.tensor
-        if self.method == "sar":
-            return base, self._vectors(task, group, parameters)
-        from mergekit_rlvr.methods.common import MaskedVector, RecomputedVector
-
-        entries = self._entries(group)
-        models = [e.tensor for e in entries]
-        if self.method == "task_arithmetic":
-            lam = self._task_arithmetic_lambda(task, entries, parameters)
-            return base, [RecomputedVector(m, None, lam if lam != 1.0 else None) for m in models]
-        vectors, coefficients = _kernel(self.method).vectors(group, self._context, **parameters)
-        self._check_weights(task, coefficients)
-        if self.method == "reasoning_interp":
-            return base, [RecomputedVector(models[0])]
-        out = []
-        for index, (model, vector) in enumerate(zip(models, vectors)):
-            assert isinstance(vector, MaskedVector)
-            out.append(RecomputedVector(model, vector.mask, self._dots_gamma(index, base, model, vector.mask,
-                                                                           parameters)))
-        return base, out
-
-    def _dots_gamma(self, index: int, base, model, mask, parameters) -> Optional[float]:
-        """The scalar the dots kernel multiplies tau by (``dots_masked_vector``)."""
-        from mergekit_rlvr.methods.common import task_vector
-        from mergekit_rlvr.methods.dots import gamma_from_norms, squared_norms
-
-        rescale = parameters["rescale"]
-        if rescale == "none":
-            return None
-        if rescale == "tensor":
-            return gamma_from_norms(*squared_norms(task_vector(model, base), mask))
-        return self._context.gamma(index, rescale)
+        """(base, vectors) of one tensor in the form the hot swap stores (the method's
+        ``swap_vectors``): each vector a ``RecomputedVector`` (the fine-tuned model's
+        own values, its mask and scalar: dots, task_arithmetic, reasoning_interp) or
+        the kernel's dense float32 vector (sar). ``combine`` on them equals
+        ``combine`` on :meth:`tensor`'s vectors bit for bit."""
+        return self._vectors(task, stored=True)
 
     def iter_tensors(self, names: Optional[Iterable[str]] = None, progress: bool = False):
         """(task, base, vectors) for every planned tensor (or those in ``names``)."""
@@ -181,40 +140,31 @@ class Decomposition:
         check_group(group)
         return group, parameters, dtype
 
-    def _vectors(self, task: TensorTask, group, parameters) -> List[Any]:
-        """The kernels' own ``vectors`` (what their ``merge`` combines); task_arithmetic
-        is mergekit's, so its vectors are built here."""
-        base = group.base.tensor
-        entries = self._entries(group)
-        if _ours(self.method):
-            from mergekit_rlvr.methods.common import MaskedVector
+    def _vectors(self, task: TensorTask, stored: bool) -> Tuple[Any, List[Any]]:
+        """(base, vectors) from the method's ``swap_vectors`` (``stored``) or ``vectors``,
+        each coefficient checked against the recipe's one value."""
+        from mergekit_rlvr.methods.common import MaskedVector
 
-            vectors, coefficients = _kernel(self.method).vectors(group, self._context, **parameters)
-            self._check_weights(task, coefficients)
-            # the kernels' full-shape layout, compacted for storage beside the weights (same bits)
-            return [v.compact() if isinstance(v, MaskedVector) else v for v in vectors]
-        # task_arithmetic: tau_j (times lambda), coefficient = weight
-        from mergekit_rlvr.methods.common import task_vector
+        self.prepare()
+        group, parameters, _dtype = self._group(task)
+        self._entries(group)
+        method = self._described()
+        build = method.swap_vectors if stored else method.vectors
+        vectors, coefficients = build(group, self._context, **parameters)
+        self._check_weights(task, coefficients)
+        # the kernels' full-shape layout, compacted for storage beside the weights (same bits)
+        return group.base.tensor, [v.compact() if isinstance(v, MaskedVector) else v for v in vectors]
 
-        lam = self._task_arithmetic_lambda(task, entries, parameters)
-        vectors = []
-        for entry in entries:
-            tau = task_vector(entry.tensor, base)
-            vectors.append(tau * lam if lam != 1.0 else tau)
-        return vectors
+    def _described(self):
+        from mergekit_rlvr.kernels.coefficients import description
 
-    def _entries(self, group):
+        return description(self.method)
+
+    def _entries(self, group) -> None:
         entries = group.non_base
         if [e.id for e in entries] != list(self.models):
             name = group.metadata.name or ""
             raise UserError(f"tensor {name}: inputs {[str(e.id) for e in entries]} differ from the recipe's models")
-        return entries
-
-    def _task_arithmetic_lambda(self, task: TensorTask, entries, parameters) -> float:
-        if parameters.get("normalize"):
-            raise UserError("task_arithmetic with normalize: true is not linear in the weights; set normalize: false")
-        self._check_weights(task, [parameters["weight"][e.id] for e in entries])
-        return float(parameters.get("lambda", 1.0))
 
     def _check_weights(self, task: TensorTask, values: Sequence[float]) -> None:
         for slot, value in zip(task.slots, values):
@@ -235,15 +185,3 @@ def _spec(method: str):
 
     return merge_methods.get(method).spec
 
-
-def _ours(method: str) -> bool:
-    """A method of ours (its kernel has a whole-model pre-pass and ``vectors``), not mergekit's own."""
-    from mergekit_rlvr.kernels.base import PreparedMergeMethod
-
-    return isinstance(_kernel(method), PreparedMergeMethod)
-
-
-def _kernel(method: str):
-    from mergekit import merge_methods
-
-    return merge_methods.get(method)

@@ -171,6 +171,25 @@ class PreparedMergeMethod(GroupMergeMethod):
         decomposition calls it too."""
         raise NotImplementedError
 
+    # -- the hot swap's interface (mergekit_rlvr.decomposition asks it) ------
+    #: whether ``swap_context``'s result may be pickled to other processes (vLLM's
+    #: workers adopt the driver's pre-pass instead of reading every checkpoint again)
+    picklable_context = True
+    #: select-queries' "source model itself": ``(shared, per_model)`` recipe parameters
+    #: under which coefficient 1 on one model and 0 on the others serves that model
+    #: exactly (a shared value None removes the key); None: the method has no such form
+    source_parameters: Optional[Tuple[Dict[str, Any], Dict[str, Any]]] = None
+
+    def swap_context(self, group: TensorGroup, parameters: Dict[str, Any], dtype) -> Any:
+        """The whole-model pre-pass of a planned recipe (``group``: its first tensor, as
+        mergekit's merge task builds it), the context ``vectors`` takes."""
+        return self._context([group], [parameters], [dtype])
+
+    def swap_vectors(self, group: TensorGroup, context: Any, **parameters) -> Tuple[list, List[float]]:
+        """``vectors`` in the form the hot swap stores (``combine`` on them equals
+        ``combine`` on ``vectors`` bit for bit); by default ``vectors`` themselves."""
+        return self.vectors(group, context, **parameters)
+
     def merge(self, group: TensorGroup, context: Any, **parameters) -> torch.Tensor:
         from mergekit_rlvr.methods.common import combine
 

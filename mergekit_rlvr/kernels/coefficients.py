@@ -2,7 +2,8 @@
 
 Every hot-swappable method is ``theta_base + sum_j c_j v_j`` where each ``c_j`` is one
 mergekit parameter of the recipe. The method names that parameter (``coefficient =
-"weight"`` on our kernels; mergekit's built-in ``task_arithmetic`` is named here) and
+"weight"`` on our kernels; mergekit's built-in ``task_arithmetic`` on its adapter,
+``kernels/task_arithmetic.py``, named in :data:`BUILT_IN`) and
 mergekit's ``spec.parameters`` says the rest:
 
 - its scope: ``NON_BASE`` = one coefficient per non-base model (named after the model),
@@ -10,7 +11,9 @@ mergekit's ``spec.parameters`` says the rest:
 - its default when a recipe leaves it out (``None``: the recipe must give it);
 - its range: the parameter's own validator (the same check mergekit runs when it plans).
 
-Everything else (decompose, search, the server, HotSwapLLM) asks :func:`coefficient`.
+Everything else (decompose, search, the server, HotSwapLLM) asks :func:`coefficient`;
+what the hot swap builds (pre-pass, vectors, their stored form, the source models'
+parameters) it asks of :func:`description`, the kernel itself.
 Adding a method = a ``methods/`` module, a ``kernels/`` module with ``coefficient``, a test.
 """
 
@@ -20,9 +23,11 @@ from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 from mergekit_rlvr.errors import UserError
+from mergekit_rlvr.kernels.task_arithmetic import task_arithmetic
 
-#: mergekit's own methods that are a fixed sum of task vectors, and their coefficient
-BUILT_IN = {"task_arithmetic": "weight"}
+#: mergekit's own methods that are a fixed sum of task vectors, and the adapter that
+#: describes each the way our kernels describe themselves (its coefficient among it)
+BUILT_IN = {"task_arithmetic": task_arithmetic}
 
 
 @dataclass(frozen=True)
@@ -75,10 +80,26 @@ def hot_swappable() -> Tuple[str, ...]:
 def coefficient(method: Any) -> Coefficient:
     """The coefficient of ``method``; UserError in one line when it cannot be hot-swapped."""
     found = _registered(method) if isinstance(method, str) else None
-    parameter = getattr(found, "coefficient", None) or BUILT_IN.get(method)
+    parameter = getattr(found, "coefficient", None) or getattr(BUILT_IN.get(method), "coefficient", None)
     if found is None or parameter is None:
         raise UserError(f"merge_method {method!r} cannot be hot-swapped; supported: {', '.join(hot_swappable())}")
     spec = {p.name: p for p in found.spec.parameters}[parameter]
     default = None if spec.required else float(spec.default)
     return Coefficient(method, parameter, spec.scope.value == "non_base", default, spec)
 
+
+
+def description(method: Any):
+    """What the hot swap asks of ``method`` (its pre-pass, vectors, their stored form:
+    :class:`mergekit_rlvr.kernels.base.PreparedMergeMethod`'s hot-swap interface): our
+    registered kernel, or the adapter of a mergekit built-in (:data:`BUILT_IN`);
+    UserError in one line when it cannot be hot-swapped."""
+    coefficient(method)
+    found = _registered(method)
+    return found if getattr(found, "coefficient", None) else BUILT_IN[method]
+
+
+def with_source_models() -> Tuple[str, ...]:
+    """The methods with one coefficient per model whose recipe can be set so that
+    coefficient 1 on one model serves that model itself (``source_parameters``)."""
+    return tuple(m for m in hot_swappable() if description(m).source_parameters is not None)

@@ -5,16 +5,11 @@ from __future__ import annotations
 from typing import Any, Dict
 
 import torch
-from mergekit.merge_methods.base import (
-    BasePolicy,
-    InputContract,
-    MergeMethodSpec,
-    ParameterScope,
-    ParameterSpec,
-    TensorGroup,
-)
+from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethodSpec
+from mergekit.merge_methods.base import ParameterScope, ParameterSpec, TensorGroup
 
 from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked, choice, label
+from mergekit_rlvr.methods.common import MaskedVector, RecomputedVector, task_vector
 from mergekit_rlvr.methods.dots import (
     DEFAULT_DENSITY,
     RESCALE_MODES,
@@ -24,6 +19,8 @@ from mergekit_rlvr.methods.dots import (
     check_sparsify,
     dots_masked_vector,
     dots_stats,
+    gamma_from_norms,
+    squared_norms,
 )
 from mergekit_rlvr.methods.dots_global import dots_global_stats
 
@@ -31,6 +28,9 @@ from mergekit_rlvr.methods.dots_global import dots_global_stats
 class DotsMerge(PreparedMergeMethod):
     #: the parameter a hot-swap coefficient sets (mergekit_rlvr.kernels.coefficients)
     coefficient = "weight"
+    #: density 1 keeps every entry and no rescale keeps gamma 1 (global or per tensor:
+    #: the same at density 1), so coefficient 1 on one model serves theta_base + tau_i
+    source_parameters = ({"density": 1.0, "rescale": "none", "sparsify": None}, {"density": 1.0})
     spec = MergeMethodSpec(
         name="dots",
         pretty_name="DoTS (sparsified, norm-rescaled task vectors)",
@@ -82,5 +82,28 @@ class DotsMerge(PreparedMergeMethod):
             coefficients.append(weight[entry.id])
         return vectors, coefficients
 
+    def swap_vectors(self, group: TensorGroup, context, **parameters):
+        """The hot swap's storage form: each model's own values, its mask and gamma
+        (``RecomputedVector``; tau is recomputed from the base it is added to)."""
+        vectors, coefficients = self.vectors(group, context, **parameters)
+        return _stored(group, context, vectors, parameters["rescale"]), coefficients
+
 
 dots_merge = DotsMerge()
+
+
+def _stored(group: TensorGroup, context, vectors, rescale: str) -> list:
+    """Each model's own values, its mask and the scalar ``dots_masked_vector``
+    multiplied tau by (None: rescale none)."""
+    base = group.base.tensor
+    out = []
+    for index, (entry, vector) in enumerate(zip(group.non_base, vectors)):
+        assert isinstance(vector, MaskedVector)
+        if rescale == "none":
+            gamma = None
+        elif rescale == "tensor":
+            gamma = gamma_from_norms(*squared_norms(task_vector(entry.tensor, base), vector.mask))
+        else:
+            gamma = context.gamma(index, rescale)
+        out.append(RecomputedVector(entry.tensor, vector.mask, gamma))
+    return out

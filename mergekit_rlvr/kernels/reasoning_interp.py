@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import torch
-from mergekit.merge_methods.base import (
-    BasePolicy,
-    InputContract,
-    MergeMethodSpec,
-    ParameterScope,
-    ParameterSpec,
-    TensorGroup,
-)
+from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethodSpec
+from mergekit.merge_methods.base import ParameterScope, ParameterSpec, TensorGroup
 
 from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked
+from mergekit_rlvr.methods.common import RecomputedVector
 from mergekit_rlvr.methods.reasoning_interp import DEFAULT_ALPHA, check_alpha, interp_vector
 
 
@@ -35,6 +30,12 @@ class ReasoningInterpMerge(PreparedMergeMethod):
     def vectors(self, group: TensorGroup, context, *, alpha):
         (sft,) = group.non_base
         return [interp_vector(group.base.tensor, sft.tensor)], [check_alpha(alpha)]
+
+    def swap_vectors(self, group: TensorGroup, context, *, alpha):
+        """The hot swap's storage form: the SFT model's own values (``interp_vector``,
+        tau = theta_SFT - theta_M, is recomputed from the base it is added to)."""
+        (sft,) = group.non_base
+        return [RecomputedVector(sft.tensor)], [check_alpha(alpha)]
 
 
 reasoning_interp_merge = ReasoningInterpMerge()

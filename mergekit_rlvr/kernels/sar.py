@@ -6,14 +6,8 @@ import logging
 from typing import Optional
 
 import torch
-from mergekit.merge_methods.base import (
-    BasePolicy,
-    InputContract,
-    MergeMethodSpec,
-    ParameterScope,
-    ParameterSpec,
-    TensorGroup,
-)
+from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethodSpec
+from mergekit.merge_methods.base import ParameterScope, ParameterSpec, TensorGroup
 
 from mergekit_rlvr.io.fisher import fisher_store
 from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked, flag, label
@@ -31,6 +25,8 @@ LOG = logging.getLogger(__name__)
 class SarMerge(PreparedMergeMethod):
     #: the parameter a hot-swap coefficient sets (mergekit_rlvr.kernels.coefficients)
     coefficient = "scale"
+    #: the context is the Fisher stores, open files each process opens itself
+    picklable_context = False
     spec = MergeMethodSpec(
         name="sar",
         pretty_name="SAR-Merging (Fisher-arbitrated conflicts, DARE on the low private half)",

@@ -165,14 +165,8 @@ def dots_stats(
     return stats
 
 
-def dots_vector(
-    base: torch.Tensor,
-    model: torch.Tensor,
-    density: float,
-    rescale: str,
-    gamma: Optional[float] = None,
-    threshold: Optional[float] = None,
-) -> SparseVector:
+def dots_vector(base: torch.Tensor, model: torch.Tensor, density: float, rescale: str,
+                gamma: Optional[float] = None, threshold: Optional[float] = None) -> SparseVector:
     """tau~ = gamma * (tau masked to its top int(density*n) magnitudes).
 
     ``gamma`` is the model's global factor when ``rescale == "global"`` (from

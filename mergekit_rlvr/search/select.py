@@ -5,9 +5,10 @@ Which models are scored (``sources``):
 
 - ``models`` (default, Sec. 4.2: "m = 5 inference paths from both the SFT model and
   the RLVR model"): each source checkpoint itself. The engine is opened on a copy
-  of the recipe with density 1 and no rescale for every model (``dots``) or lambda
-  1 (``task_arithmetic``), so coefficient 1 on one model and 0 on the others
-  serves exactly theta_base + tau_i = theta_i, on the same single engine.
+  of the recipe with the method's ``source_parameters`` (its kernel's: density 1
+  and no rescale for every model for ``dots``, lambda 1 for ``task_arithmetic``),
+  so coefficient 1 on one model and 0 on the others serves exactly
+  theta_base + tau_i = theta_i, on the same single engine.
 - ``sparsified``: the recipe's own vectors (theta_base + tau~_i, the sparsified and
   rescaled sources), as this command did before.
 """
@@ -35,20 +36,29 @@ def source_recipe(recipe: Mapping[str, Any], sources: str = "models") -> Dict[st
         out["search"] = {k: v for k, v in out["search"].items() if k != "groups"}
     if sources == "sparsified":
         return out
+    shared, per_model = _source_parameters(out, "recipe")
     params = dict(out.get("parameters") or {})
-    if out.get("merge_method") == "dots":
-        # tau~ = tau: every entry kept, gamma 1 (global or per tensor: the same at density 1)
-        params.update({"density": 1.0, "rescale": "none"})
-        params.pop("sparsify", None)
-        per_model = {"density": 1.0}
-    else:  # task_arithmetic: theta_base + 1 * (1 * tau)
-        params.update({"lambda": 1.0, "normalize": False})
-        per_model = {}
+    for key, value in shared.items():
+        if value is None:
+            params.pop(key, None)
+        else:
+            params[key] = value
     out["parameters"] = params
     for entry in out.get("models") or []:
         if isinstance(entry, dict) and entry.get("parameters"):
             entry["parameters"] = {**entry["parameters"], **per_model}
     return out
+
+
+def _source_parameters(recipe: Mapping[str, Any], where: str):
+    """The method's ``source_parameters`` (``kernels``); UserError when it has none."""
+    from mergekit_rlvr.kernels.coefficients import description, with_source_models
+
+    method = recipe.get("merge_method")
+    if method not in with_source_models():
+        raise UserError(f"{where}: select-queries needs one coefficient per source model"
+                        f" ({' or '.join(with_source_models())}), not merge_method {method!r}")
+    return description(method).source_parameters
 
 
 def default_threshold(samples: int) -> float:
@@ -98,11 +108,9 @@ def run_select_queries(
 
     threshold = _checked_threshold(n, samples, threshold)
     recipe = load_recipe(recipe_path)
-    if recipe.get("merge_method") not in ("dots", "task_arithmetic"):
-        raise UserError(f"recipe {recipe_path}: select-queries needs one coefficient per source model"
-                        f" (dots or task_arithmetic), not merge_method {recipe.get('merge_method')!r}")
+    _source_parameters(recipe, f"recipe {recipe_path}")
     settings = load_settings(recipe.get("search"), {**(overrides or {}), "samples": samples, "seed": seed,
-                                                    "objective": "dots"}, "dots")
+                                                    "objective": "dots"}, str(recipe.get("merge_method", "")))
     pool = load_queries(pool_path)
     engine_recipe = source_recipe(recipe, sources)
     names = list(recipe_coefficients(engine_recipe))

@@ -144,10 +144,23 @@ def cached(out: str, settings: FamilySettings, stage: str) -> bool:
     return bool(stamp) and stamp.get("hash") == settings.stage_hash(stage) and exists(os.path.join(out, stage))
 
 
-def _bar(total: int, desc: str, show: bool):
-    from tqdm.auto import tqdm
+class _Progress:
+    """A stage's progress bar, called by the training loop with (step, value); keeps the values."""
 
-    return tqdm(total=total, desc=desc, disable=not show, leave=False, mininterval=1.0)
+    def __init__(self, total: int, desc: str, show: bool, key: str = "loss", form: str = ".3f"):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, disable=not show, leave=False, mininterval=1.0)
+        self.key, self.form, self.values = key, form, []
+
+    def __call__(self, step: int, value: float) -> None:
+        self.values.append(value)
+        self.bar.update(1)
+        self.bar.set_postfix({self.key: f"{value:{self.form}}"}, refresh=False)
+
+    def last_mean(self) -> float:
+        """The mean of the last 20 values (the loss a stage ended at)."""
+        return sum(self.values[-20:]) / max(1, len(self.values[-20:]))
 
 
 def _train_stage(stage: str, settings: FamilySettings, streams: tasks.TrainStreams, out: str, show: bool) -> dict:
@@ -159,42 +172,22 @@ def _train_stage(stage: str, settings: FamilySettings, streams: tasks.TrainStrea
     start = time.perf_counter()
     log: dict = {}
     if stage == "base":
-        bar = _bar(s.pretrain_steps, "pretrain base", show)
-        losses = []
-
-        def progress(step, loss):
-            losses.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-
+        progress = _Progress(s.pretrain_steps, "pretrain base", show)
         model = pretrain(make_config(s.hidden, s.layers, s.intermediate), streams, s.pretrain_steps,
                          batch=s.pretrain_batch, lr=s.pretrain_lr, seed=s.seed, progress=progress)
-        log["loss_last"] = sum(losses[-20:]) / max(1, len(losses[-20:]))
+        log["loss_last"] = progress.last_mean()
+    elif stage == "sft":
+        progress = _Progress(s.sft_steps, "sft on task K", show)
+        model = sft(load_model(os.path.join(out, "base")), streams, s.sft_steps, batch=s.sft_batch, lr=s.sft_lr,
+                    seed=s.seed, replay=s.sft_replay, progress=progress)
+        log["loss_last"] = progress.last_mean()
     else:
-        base = load_model(os.path.join(out, "base"))
-        if stage == "sft":
-            bar = _bar(s.sft_steps, "sft on task K", show)
-            losses = []
-
-            def progress(step, loss):
-                losses.append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-
-            model = sft(base, streams, s.sft_steps, batch=s.sft_batch, lr=s.sft_lr, seed=s.seed,
-                        replay=s.sft_replay, progress=progress)
-            log["loss_last"] = sum(losses[-20:]) / max(1, len(losses[-20:]))
-        else:
-            bar = _bar(s.rl_steps, "grpo on task R", show)
-
-            def progress(step, reward):
-                bar.update(1)
-                bar.set_postfix(reward=f"{reward:.2f}", refresh=False)
-
-            model, history = grpo(base, streams, s.rl_steps, prompts=s.rl_prompts, group=s.rl_group, lr=s.rl_lr,
-                                  seed=s.seed, optimizer=s.rl_optimizer, progress=progress)
-            log["reward"] = history
-    bar.close()
+        progress = _Progress(s.rl_steps, "grpo on task R", show, key="reward", form=".2f")
+        model, history = grpo(load_model(os.path.join(out, "base")), streams, s.rl_steps, prompts=s.rl_prompts,
+                              group=s.rl_group, lr=s.rl_lr, seed=s.seed, optimizer=s.rl_optimizer,
+                              progress=progress)
+        log["reward"] = history
+    progress.bar.close()
     save_model(model, os.path.join(out, stage))
     log["seconds"] = round(time.perf_counter() - start, 2)
     return log

@@ -28,12 +28,23 @@ def pretrain(config, streams: TrainStreams, steps: int, batch: int = 64, lr: flo
     model.train()
     rng = random.Random(f"pretrain-{seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = max(1, steps // 20)
+
+    def rows():
+        return [encode_example(codec, streams.pretrain_doc(rng), "", True) for _ in range(batch)]
+
+    return train(model, opt, steps, lr, max(1, steps // 20), rows, progress)
+
+
+def train(model, opt, steps: int, lr: float, warmup: int, rows: Callable[[], list],
+          progress: Optional[Callable[[int, float], None]] = None):
+    """``steps`` optimizer steps on the masked next-token loss (``lm_loss``) of
+    ``rows()`` (one batch of ``encode_example`` pairs per call), the learning rate
+    warmed up then cosine-decayed, gradients clipped to norm 1. Returns ``model``
+    (train mode off)."""
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup)
-        docs = [streams.pretrain_doc(rng) for _ in range(batch)]
-        ids, mask = pad_batch(*zip(*[encode_example(codec, d, "", True)[:2] for d in docs]))
+        ids, mask = pad_batch(*zip(*rows()))
         loss = lm_loss(model, ids, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -13,8 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
-from mergekit_rlvr.toy.lm import Codec, encode_example, lm_loss, pad_batch
-from mergekit_rlvr.toy.pretrain import cosine_lr
+from mergekit_rlvr.toy.lm import Codec, encode_example
+from mergekit_rlvr.toy.pretrain import train
 from mergekit_rlvr.toy.tasks import TrainStreams
 
 
@@ -28,24 +28,15 @@ def sft(base_model, streams: TrainStreams, steps: int, batch: int = 64, lr: floa
     torch.manual_seed(seed)
     rng = random.Random(f"sft-{seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    warmup = max(1, steps // 10)
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup)
-        rows = []
+
+    def rows():
+        out = []
         for _ in range(batch):
             if rng.random() < replay:
-                rows.append(encode_example(codec, streams.pretrain_doc(rng), "", True))
+                out.append(encode_example(codec, streams.pretrain_doc(rng), "", True))
             else:
                 e = streams.sft_example(rng)
-                rows.append(encode_example(codec, e.prompt, e.completion, False))
-        ids, mask = pad_batch(*zip(*rows))
-        loss = lm_loss(model, ids, mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if progress:
-            progress(step, float(loss.detach()))
-    model.eval()
-    return model
+                out.append(encode_example(codec, e.prompt, e.completion, False))
+        return out
+
+    return train(model, opt, steps, lr, max(1, steps // 10), rows, progress)
