@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_rlvr.analysis.histograms import count_into
 
 #: the kept shares of ``sign_conflict_by_density`` (0.1, 0.2, ..., 1.0)
 DENSITIES: Tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
@@ -164,7 +165,7 @@ class DensityConflictStats:
 
     def add(self, code: torch.Tensor) -> None:
         """``code``: this pair's entry of ``pass3_kernel``."""
-        self.counts += torch.bincount(code, minlength=3 * self.size)
+        count_into(self.counts, code)
 
     def rate(self, slot_a: int, slot_b: int) -> Tuple[int, int]:
         """(co-kept entries updated in both, of which opposite signs) when a keeps

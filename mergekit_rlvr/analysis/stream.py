@@ -143,17 +143,21 @@ def _predict(run: Run, densities: Sequence[float]) -> List[List[int]]:
     entries = 0
     every = SAMPLE_EVERY if run.total > SAMPLE_ALL_UP_TO else 1
     size = max(1, run.chunk_entries // every)
+    counts = torch.zeros(H.COARSE_BINS, dtype=torch.int64, device=run.device)
     for name, b, ms, weight in prefetch(sample(run.todo, run.base, run.models, every, size)):
         b, ms = run.flat(b, ms)
         for hist, keys in zip(sampled, sample_kernel(ms, b)):  # eager: 1/64 of the work
-            hist += torch.bincount(keys, minlength=H.COARSE_BINS).to(torch.float64) * weight
+            counts.zero_()
+            H.count_into(counts, keys)
+            hist += counts.to(torch.float64) * weight
         entries += b.numel()
     return [H.predict_bins(h.cpu(), entries, run.total, densities) for h in sampled]
 
 
 def _pass1(run: Run, refined: List[List[int]], epsilon: float, eta: float):
     pairs = _pairs(run)
-    vectors = [S.VectorStats(H.MagnitudeHistogram(r, run.device)) for r in refined]
+    width = H.refined_width([len(set(r)) for r in refined])
+    vectors = [S.VectorStats(H.MagnitudeHistogram(r, run.device, width)) for r in refined]
     tables = [v.histogram.table for v in vectors]
     refined_bins = [v.histogram.refined for v in vectors]
     pair_stats = {p: S.PairStats() for p in pairs}
