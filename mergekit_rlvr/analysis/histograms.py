@@ -78,6 +78,47 @@ def count_into(counts: torch.Tensor, key: torch.Tensor) -> None:
     counts.index_add_(0, key.reshape(-1), one.expand(key.numel()))
 
 
+class Counting:
+    """The histogram updates of a chunk, one ``count_into`` per (counts, key) job.
+    ``index_add_`` is a serial loop on CPU, so there the jobs run in parallel threads
+    (torch releases the GIL), a job split in pieces when there are fewer jobs than
+    threads and its counts are small (each extra piece adds into its own zeroed copy).
+    Integer counts: the result does not depend on the split. Elsewhere (CUDA) the jobs
+    are queued in order."""
+
+    SPLIT_UP_TO = 1 << 16  #: counters of a histogram that may be split
+
+    def __init__(self, device, threads: Optional[int] = None):
+        self.threads = max(1, threads or torch.get_num_threads()) if torch.device(device).type == "cpu" else 1
+        self.pool = None
+        if self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="analyze-count")
+
+    def __call__(self, jobs: Sequence[tuple]) -> None:
+        if self.pool is None:
+            for counts, key in jobs:
+                count_into(counts, key)
+            return
+        pieces, merges = [], []
+        for counts, key in jobs:
+            split = self.threads // len(jobs) if counts.numel() <= self.SPLIT_UP_TO else 1
+            parts = key.reshape(-1).chunk(max(1, split))
+            pieces.append((counts, parts[0]))
+            for part in parts[1:]:
+                extra = torch.zeros_like(counts)
+                pieces.append((extra, part))
+                merges.append((counts, extra))
+        list(self.pool.map(lambda job: count_into(*job), pieces))
+        for counts, extra in merges:
+            counts += extra
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
 def predict_bins(sampled: torch.Tensor, sampled_entries: int, parameters: int,
                  densities: Sequence[float]) -> List[int]:
     """The coarse bins likely to hold each density's threshold, from the weighted

@@ -76,8 +76,9 @@ class VectorStats:
     kind_parameters: Dict[str, int] = field(default_factory=dict)
 
     def add(self, name: str, n: int, terms) -> None:
-        """``terms``: this model's entry of ``pass1_kernel``'s per-model list."""
-        norm, updated, changed, key = terms
+        """``terms``: this model's entry of ``pass1_kernel``'s per-model list (its
+        histogram key is counted apart: ``histograms.Counting``)."""
+        norm, updated, changed, _ = terms
         s = float(norm) ** 2
         self.parameters += n
         self.sumsq += s
@@ -89,7 +90,6 @@ class VectorStats:
         kind = module_kind(name)
         self.kind_sumsq[kind] = self.kind_sumsq.get(kind, 0.0) + s
         self.kind_parameters[kind] = self.kind_parameters.get(kind, 0) + n
-        self.histogram.add(key)
 
 
 @dataclass
