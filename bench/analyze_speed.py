@@ -14,7 +14,7 @@ and prints seconds, throughput (model parameters per second), the analysis/read
 ratio, and each child's peak RSS above its RSS after imports, against the model
 size and the largest tensor (float32).
 
-    .venv/bin/python bench/analyze_speed.py [--layers 9] [--dir DIR] [--keep] [--device cpu|cuda|auto]
+    .venv/bin/python bench/analyze_speed.py [--layers 9] [--dir DIR] [--keep] [--device cpu|cuda|auto] [--no-eager]
 """
 
 from __future__ import annotations
@@ -158,6 +158,7 @@ def main():
     parser.add_argument("--dir", default=None, help="where to write the models (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the generated models")
     parser.add_argument("--device", default="cpu", help="where analyze runs its kernels: cpu, cuda or auto")
+    parser.add_argument("--no-eager", action="store_true", help="skip the eager run (minutes on a loaded machine)")
     args = parser.parse_args()
     root = args.dir or tempfile.mkdtemp(prefix="analyze-bench-")
     try:
@@ -173,7 +174,7 @@ def main():
         read = child("read", paths)
         full = child("analyze", paths, args.device)
         warm = child("analyze", paths, args.device)  # torch.compile's on-disk caches warm
-        eager = child("eager", paths, args.device)
+        eager = None if args.no_eager else child("eager", paths, args.device)
         read_again = child("read", paths)  # page-cache state on both sides of the analysis
         read_s = min(read["seconds"], read_again["seconds"])
         n = full["parameters"]
@@ -184,11 +185,15 @@ def main():
               f"{read_again['seconds']:.2f} s)")
         read_cpu = max(min(read["cpu"], read_again["cpu"]), 1e-9)
         for label, r in (("compiled (cold)", full), ("compiled (warm)", warm), ("eager", eager)):
+            if r is None:
+                continue
             print(f"analyze {label:15s}: {r['seconds']:7.2f} s wall {r['cpu']:7.2f} s cpu  "
                   f"{n / r['seconds'] / 1e6:6.1f} M params/s; analyze/read {r['seconds'] / read_s:5.1f}x wall, "
                   f"{r['cpu'] / read_cpu:5.1f}x cpu (goal <= 5x)")
         print(f"machine load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared)")
         for name, r in (("read", read), ("compiled", warm), ("eager", eager)):
+            if r is None:
+                continue
             extra = r["peak_rss"] - r["rss_after_import"]
             print(f"peak RSS {name:8s}: {r['peak_rss'] / 1e6:7.0f} MB, {extra / 1e6:6.0f} MB above the "
                   f"{r['rss_after_import'] / 1e6:.0f} MB after imports = {extra / size:.3f} x model size, "

@@ -29,19 +29,21 @@ class MagnitudeHistogram:
     pre-pass sample predicts to hold a threshold (``kernels.histogram_key``): when
     the prediction holds, pass 1 pins the thresholds exactly and pass 2 is skipped."""
 
-    def __init__(self, refined: Sequence[int] = (), device="cpu"):
+    def __init__(self, refined: Sequence[int] = (), device="cpu", width: int = 0):
         self.bins = sorted(set(refined))
         table = torch.full((COARSE_BINS,), -1, dtype=torch.int32)
         for slot, coarse_bin in enumerate(self.bins):
             table[coarse_bin] = slot * FINE_BINS
         self.table = table.to(device)
-        padded = self.bins + [-1] * (MAX_REFINED - len(self.bins))  # a constant size for compiled kernels
+        # padded with -1 to ``width`` (default MAX_REFINED): one size for every model of a
+        # run, so one compiled kernel serves them all
+        padded = self.bins + [-1] * (max(width or MAX_REFINED, len(self.bins)) - len(self.bins))
         self.refined = torch.tensor(padded, dtype=torch.int32, device=device)
         self.size = COARSE_BINS + len(self.bins) * FINE_BINS
         self.counts = torch.zeros(self.size, dtype=torch.int64, device=device)
 
     def add(self, key: torch.Tensor) -> None:
-        self.counts += torch.bincount(key, minlength=self.size)
+        count_into(self.counts, key)
 
     def fine(self, coarse_bin: int) -> Optional[torch.Tensor]:
         """The low-16-bit histogram of a refined bin (None if not refined)."""
@@ -60,6 +62,61 @@ class MagnitudeHistogram:
 
 #: at most this many coarse bins refined in pass 1 per vector (each costs 64 Ki counters)
 MAX_REFINED = 16
+
+
+def refined_width(counts: Sequence[int]) -> int:
+    """The padded length of the refined-bin lists of a run: the longest rounded up to a
+    multiple of 4 (at most 4 kernel variants; each padded slot costs a compare per entry)."""
+    return max(4, -(-max(counts, default=0) // 4) * 4)
+
+
+def count_into(counts: torch.Tensor, key: torch.Tensor) -> None:
+    """counts[k] += #(key == k), in place: ``index_add_`` of a broadcast one (no
+    histogram allocated, zeroed and added per chunk as with ``bincount``, and a
+    tighter loop: ~4x faster on CPU; exact, integers)."""
+    one = torch.ones((), dtype=counts.dtype, device=counts.device)
+    counts.index_add_(0, key.reshape(-1), one.expand(key.numel()))
+
+
+class Counting:
+    """The histogram updates of a chunk, one ``count_into`` per (counts, key) job.
+    ``index_add_`` is a serial loop on CPU, so there the jobs run in parallel threads
+    (torch releases the GIL), a job split in pieces when there are fewer jobs than
+    threads and its counts are small (each extra piece adds into its own zeroed copy).
+    Integer counts: the result does not depend on the split. Elsewhere (CUDA) the jobs
+    are queued in order."""
+
+    SPLIT_UP_TO = 1 << 16  #: counters of a histogram that may be split
+
+    def __init__(self, device, threads: Optional[int] = None):
+        self.threads = max(1, threads or torch.get_num_threads()) if torch.device(device).type == "cpu" else 1
+        self.pool = None
+        if self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="analyze-count")
+
+    def __call__(self, jobs: Sequence[tuple]) -> None:
+        if self.pool is None:
+            for counts, key in jobs:
+                count_into(counts, key)
+            return
+        pieces, merges = [], []
+        for counts, key in jobs:
+            split = self.threads // len(jobs) if counts.numel() <= self.SPLIT_UP_TO else 1
+            parts = key.reshape(-1).chunk(max(1, split))
+            pieces.append((counts, parts[0]))
+            for part in parts[1:]:
+                extra = torch.zeros_like(counts)
+                pieces.append((extra, part))
+                merges.append((counts, extra))
+        list(self.pool.map(lambda job: count_into(*job), pieces))
+        for counts, extra in merges:
+            counts += extra
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def predict_bins(sampled: torch.Tensor, sampled_entries: int, parameters: int,
@@ -143,7 +200,7 @@ class FineHistograms:
     def add(self, key: torch.Tensor) -> None:
         """``key``: this model's entry of ``pass2_kernel`` (built with ``offset_of``)."""
         if self.bins:
-            self.counts += torch.bincount(key, minlength=self.counts.numel())
+            count_into(self.counts, key)
 
     def of(self, coarse_bin: int) -> torch.Tensor:
         slot = self.bins.index(coarse_bin)

@@ -46,15 +46,15 @@ def histogram_key(bits: torch.Tensor, table: torch.Tensor, refined: torch.Tensor
     """The key of every |Delta| bit pattern: its coarse bin, or inside a refined bin
     COARSE_BINS + the bin's first fine slot + the low 16 bits. ``table``: coarse bin ->
     first fine slot or -1; ``refined``: the refined bins in slot order, padded with -1.
-    Fused, one compare per refined bin (vectorizes; an indexed load does not);
-    eager, ``index_select`` on the table."""
+    Fused, one compare and select per refined bin (vectorizes; an indexed load does
+    not); eager, ``index_select`` on the table."""
     coarse = torch.bitwise_right_shift(bits, 16)
     low = torch.bitwise_and(bits, 0xFFFF)
     if torch.compiler.is_compiling():
-        start = torch.zeros_like(coarse)
+        key = coarse  # refined bins are distinct: at most one matches
         for slot in range(refined.numel()):
-            start = start + (coarse == refined[slot]).to(torch.int32) * (COARSE_BINS + slot * FINE_BINS)
-        return torch.where(start > 0, start + low, coarse)
+            key = torch.where(coarse == refined[slot], low + (COARSE_BINS + slot * FINE_BINS), key)
+        return key
     offset = table.index_select(0, coarse)
     return torch.where(offset < 0, coarse, offset + COARSE_BINS + low)
 

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_rlvr.analysis.histograms import count_into
 
 #: the kept shares of ``sign_conflict_by_density`` (0.1, 0.2, ..., 1.0)
 DENSITIES: Tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
@@ -75,8 +76,9 @@ class VectorStats:
     kind_parameters: Dict[str, int] = field(default_factory=dict)
 
     def add(self, name: str, n: int, terms) -> None:
-        """``terms``: this model's entry of ``pass1_kernel``'s per-model list."""
-        norm, updated, changed, key = terms
+        """``terms``: this model's entry of ``pass1_kernel``'s per-model list (its
+        histogram key is counted apart: ``histograms.Counting``)."""
+        norm, updated, changed, _ = terms
         s = float(norm) ** 2
         self.parameters += n
         self.sumsq += s
@@ -88,7 +90,6 @@ class VectorStats:
         kind = module_kind(name)
         self.kind_sumsq[kind] = self.kind_sumsq.get(kind, 0.0) + s
         self.kind_parameters[kind] = self.kind_parameters.get(kind, 0) + n
-        self.histogram.add(key)
 
 
 @dataclass
@@ -164,7 +165,7 @@ class DensityConflictStats:
 
     def add(self, code: torch.Tensor) -> None:
         """``code``: this pair's entry of ``pass3_kernel``."""
-        self.counts += torch.bincount(code, minlength=3 * self.size)
+        count_into(self.counts, code)
 
     def rate(self, slot_a: int, slot_b: int) -> Tuple[int, int]:
         """(co-kept entries updated in both, of which opposite signs) when a keeps

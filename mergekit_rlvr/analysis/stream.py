@@ -62,6 +62,7 @@ class Run:
     kernels: Kernels
     chunk_entries: int
     progress: bool
+    count: H.Counting
 
     def stream(self, desc: str):
         """(name, base chunk, [model chunks]) on the device, read one chunk ahead."""
@@ -118,7 +119,16 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
     total = sum(math.prod(todo.shapes[n]) for n in todo.names)
     if compile is None:  # fusing pays off once the elementwise work outweighs compiling (~20-60 s)
         compile = total >= COMPILE_FROM
-    run = Run(base, models, todo, list(model_args), total, where, Kernels(bool(compile)), chunk_entries, progress)
+    run = Run(base, models, todo, list(model_args), total, where, Kernels(bool(compile)), chunk_entries, progress,
+              H.Counting(where))
+    try:
+        return _analyze(run, epsilon, eta, top, predict)
+    finally:
+        run.count.close()
+
+
+def _analyze(run: Run, epsilon: float, eta: float, top: float, predict: bool) -> dict:
+    base_arg, models, todo = run.base.arg, run.models, run.todo
     densities = sorted(set(S.DENSITIES) | {float(top)})
     refined = _predict(run, densities) if predict else [[] for _ in models]
     vectors, pair_stats, cells, pair_cells = _pass1(run, refined, epsilon, eta)
@@ -138,22 +148,39 @@ def _pairs(run: Run):
 
 
 def _predict(run: Run, densities: Sequence[float]) -> List[List[int]]:
-    """Per model, the coarse bins to refine in pass 1, from a weighted row sample."""
+    """Per model, the coarse bins to refine in pass 1, from a weighted row sample.
+    On CPU in one thread: its eager ops on 1/64-size slices are too small for OpenMP
+    (bench/analyze_speed.py's data: 0.4 s in one thread, 1.5 s in two on a loaded
+    2-core machine); exact integer counts either way."""
+    threads = torch.get_num_threads()
+    if run.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _sample_bins(run, densities)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sample_bins(run: Run, densities: Sequence[float]) -> List[List[int]]:
     sampled = [torch.zeros(H.COARSE_BINS, dtype=torch.float64, device=run.device) for _ in run.models]
     entries = 0
     every = SAMPLE_EVERY if run.total > SAMPLE_ALL_UP_TO else 1
     size = max(1, run.chunk_entries // every)
+    counts = torch.zeros(H.COARSE_BINS, dtype=torch.int64, device=run.device)
     for name, b, ms, weight in prefetch(sample(run.todo, run.base, run.models, every, size)):
         b, ms = run.flat(b, ms)
         for hist, keys in zip(sampled, sample_kernel(ms, b)):  # eager: 1/64 of the work
-            hist += torch.bincount(keys, minlength=H.COARSE_BINS).to(torch.float64) * weight
+            counts.zero_()
+            H.count_into(counts, keys)
+            hist += counts.to(torch.float64) * weight
         entries += b.numel()
     return [H.predict_bins(h.cpu(), entries, run.total, densities) for h in sampled]
 
 
 def _pass1(run: Run, refined: List[List[int]], epsilon: float, eta: float):
     pairs = _pairs(run)
-    vectors = [S.VectorStats(H.MagnitudeHistogram(r, run.device)) for r in refined]
+    width = H.refined_width([len(set(r)) for r in refined])
+    vectors = [S.VectorStats(H.MagnitudeHistogram(r, run.device, width)) for r in refined]
     tables = [v.histogram.table for v in vectors]
     refined_bins = [v.histogram.refined for v in vectors]
     pair_stats = {p: S.PairStats() for p in pairs}
@@ -161,6 +188,7 @@ def _pass1(run: Run, refined: List[List[int]], epsilon: float, eta: float):
     pair_cells = {p: B.PairCells() for p in pairs}
     for name, b, ms in run.stream("analyze 1/3"):
         per_model, per_pair = run.kernels("pass1", ms, b, tables, refined_bins, epsilon, eta)
+        run.count([(v.histogram.counts, terms[3]) for v, terms in zip(vectors, per_model)])
         n = b.numel()
         for v, c, terms in zip(vectors, cells, per_model):
             v.add(name, n, terms)
@@ -185,8 +213,7 @@ def _thresholds(run: Run, vectors: List[S.VectorStats], densities: Sequence[floa
     if dump:
         tables = [f.offset_of for f in fines]
         for name, b, ms in run.stream("analyze 2/3"):
-            for f, key in zip(fines, run.kernels("pass2", ms, b, tables, dump)):
-                f.add(key)
+            run.count([(f.counts, key) for f, key in zip(fines, run.kernels("pass2", ms, b, tables, dump)) if f.bins])
     out = []
     for bs, v, f in zip(boundaries, vectors, fines):
         fine = {c: v.histogram.fine(c) if c not in f.bins else f.of(c)
@@ -207,6 +234,5 @@ def _pass3(run: Run, thresholds: List[S.Thresholds], top: float, epsilon: float)
         kept, codes = run.kernels("pass3", ms, b, values, top_slots, epsilon)
         for st, k in zip(tops, kept):
             st.add(name, k)
-        for pair, code in zip(pairs, codes):
-            conflicts[pair].add(code)
+        run.count([(conflicts[pair].counts, code) for pair, code in zip(pairs, codes)])
     return tops, conflicts
