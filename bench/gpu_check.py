@@ -3,7 +3,7 @@
 One line per figure. On a GPU machine (PyTorch and Triton, no vLLM, no network):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:. python3 -m pytest -q -m cuda tests/test_device_math.py
+    PYTHONPATH=/tmp/site:. python3 -m pytest -q -m cuda tests/methods/test_device_math.py
     PYTHONPATH=/tmp/site:. python3 bench/gpu_check.py
 
 Wheels to carry in ``.whl/`` (only for the ``merge`` section, which runs mergekit on

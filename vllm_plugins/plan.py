@@ -1,6 +1,6 @@
 """Which vLLM parameters the swap rewrites in place and which checkpoint tensors go
 through vLLM's ``reload_weights``: a pure function of facts about the model (no
-vLLM, no tensors), so it is tested without an engine (tests/test_hotswap.py).
+vLLM, no tensors), so it is tested without an engine (tests/decompose/test_decompose.py).
 
 Rules (see :mod:`vllm_plugins.worker`):
 

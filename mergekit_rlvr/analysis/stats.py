@@ -13,7 +13,7 @@ whole model: k = ``keep_count(n, density)``, entries with |Delta| >= the k-th
 largest are kept (ties kept); k <= 0 keeps nothing, k >= n keeps everything.
 Pass 3 then counts, per entry, how many thresholds it passes, which gives every
 density's kept sets at once (a joint histogram per pair gives the sign conflicts of
-any pair of densities). Exactness is checked in tests/test_analyze.py against
+any pair of densities). Exactness is checked in tests/analysis/test_analyze.py against
 ``magnitude_threshold``/``sparsify`` on the concatenated in-memory model.
 """
 

@@ -80,7 +80,7 @@ def evaluate_all(paths: Dict[str, str], eval_sets, merged: str) -> tuple:
     results, start_s = {}, None
     for name, path in [("base", paths["base"]), ("sft", paths["sft"]), ("rl", paths["rl"])]:
         # Hugging Face greedy decoding gives the same answers as vLLM on these tiny
-        # models (checked in tests/test_toy.py) without three more engine starts.
+        # models (checked in tests/toy/test_toy.py) without three more engine starts.
         results[name] = evaluate(path, eval_sets, backend="hf")
         print(f"  {name:7s} " + "  ".join(f"{k}={v:.3f}" for k, v in results[name].items()), flush=True)
     os.environ.update(IN_PROCESS_ENGINE)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yml"))
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.-]+)?")
 
 
