@@ -35,6 +35,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from mergekit_rlvr.methods.common import MaskedVector, RecomputedVector, SparseVector
+from vllm_plugins import cpu_kernel
 
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -181,6 +182,8 @@ def combine_packed(p: Packed, coefficients: Sequence[float]) -> torch.Tensor:
     entries (1-D, row-major), bit for bit."""
     if len(p.vectors) != len(coefficients):
         raise ValueError(f"{len(p.vectors)} vectors but {len(coefficients)} coefficients")
+    if cpu_kernel.wanted(p.base, p.count):
+        return cpu_kernel.combine(p, coefficients)
     work = torch.float64 if p.dtype == torch.float64 else torch.float32
     base = p.base.to(work)
     acc = base.clone()
@@ -206,11 +209,12 @@ def scatter(p: Packed, merged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Write ``merged`` (from :func:`combine_packed`, cast as wanted) into ``out``
     (``p.shape``, contiguous) at the touched entries."""
     flat = out.view(-1)
-    mask = p.touched_mask()
-    if mask is None:
+    if p.touched is None:
         flat.copy_(merged)
+    elif cpu_kernel.wanted(flat, p.count):
+        cpu_kernel.scatter(p.touched, merged.to(flat.dtype), flat)
     else:
-        flat.masked_scatter_(mask, merged.to(flat.dtype))
+        flat.masked_scatter_(p.touched_mask(), merged.to(flat.dtype))
     return out
 
 
