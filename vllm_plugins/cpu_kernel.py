@@ -10,9 +10,8 @@ with ``-ffp-contract=off`` and no fast-math, so the bits are the same (checked i
 
 It is compiled once per machine with the system C compiler (about a second; the
 library is cached under ``~/.cache/mergekit-rlvr``, keyed by the source, the flags and
-the CPU's features). ``MERGEKIT_RLVR_SWAP_KERNEL``: ``auto`` (default: CPU tensors of
-at least ``MIN_ENTRIES`` entries), ``1`` (every CPU tensor), ``0`` (never: torch's
-index ops, which are also what CUDA tensors use). Without a compiler, or where the
+the CPU's features). ``MERGEKIT_RLVR_SWAP_KERNEL``: ``auto`` or ``1`` (default: every CPU
+tensor), ``0`` (never: torch's index ops, which are also what CUDA tensors use). Without a compiler, or where the
 build fails, one warning is logged and the index ops are used.
 """
 
@@ -32,7 +31,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MIN_ENTRIES = 1 << 12
 SOURCE = Path(__file__).with_name("swap_kernel.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}
@@ -42,7 +40,7 @@ _lib = {}
 
 def wanted(t: torch.Tensor, count: int) -> bool:
     mode = os.environ.get("MERGEKIT_RLVR_SWAP_KERNEL", "auto")
-    if mode == "0" or t.device.type != "cpu" or count == 0 or (mode != "1" and count < MIN_ENTRIES):
+    if mode == "0" or t.device.type != "cpu" or count == 0:
         return False
     return _library() is not None
 
