@@ -78,8 +78,9 @@ def _library() -> Optional[ctypes.CDLL]:
     except (OSError, RuntimeError) as error:
         log.warning("hot-swap: CPU swap kernel unavailable (%s); using torch index ops", error)
         return None
-    lib.swap_combine.restype = None
-    lib.swap_scatter.restype = None
+    for name in ("swap_combine", "swap_scatter", "swap_starts", "swap_init"):
+        getattr(lib, name).restype = None
+    lib.swap_init()
     _lib["lib"] = lib
     return lib
 
@@ -92,6 +93,35 @@ def _array(ctype, values):
     return (ctype * max(len(values), 1))(*values)
 
 
+def _starts(bits: torch.Tensor, count: int) -> torch.Tensor:
+    starts = torch.empty((count + _BLOCK - 1) // _BLOCK + 1, dtype=torch.int64)
+    _library().swap_starts(_ptr(bits), ctypes.c_int64(count), _ptr(starts))
+    return starts
+
+
+def _threads(count: int) -> int:
+    """How many threads share one tensor: torch's intra-op count, one per 2^18 entries at most."""
+    return max(1, min(torch.get_num_threads(), count >> 18))
+
+
+def _run(fn, count: int, *args) -> None:
+    """fn(*args, first, last) over the blocks of ``count`` entries, split over threads
+    (ctypes lets go of the GIL while C runs)."""
+    blocks = (count + _BLOCK - 1) // _BLOCK
+    threads = min(_threads(count), blocks)
+    if threads <= 1:
+        fn(*args, ctypes.c_int64(0), ctypes.c_int64(blocks))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _lib.get("pool") is None or _lib["pool"]._max_workers < threads:
+        _lib["pool"] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hot-swap")
+    edges = [blocks * i // threads for i in range(threads + 1)]
+    futures = [_lib["pool"].submit(fn, *args, ctypes.c_int64(a), ctypes.c_int64(b)) for a, b in zip(edges, edges[1:])]
+    for future in futures:
+        future.result()
+
+
 def combine(p, coefficients: Sequence[float]) -> torch.Tensor:
     """``packed.combine_packed(p, coefficients)`` (1-D, ``p.dtype``), bit for bit."""
     lib = _library()
@@ -100,19 +130,22 @@ def combine(p, coefficients: Sequence[float]) -> torch.Tensor:
     keep = [(v.bits.contiguous() if v.bits is not None else None, v.values.contiguous()) for v, _ in vectors]
     out = torch.empty(p.count, dtype=p.dtype)
     blocks = (p.count + _BLOCK - 1) // _BLOCK
-    starts = torch.empty(max(len(vectors), 1) * (blocks + 1), dtype=torch.int64)
-    lib.swap_combine(
-        ctypes.c_int64(p.count), _ptr(base), ctypes.c_int(_DTYPES[base.dtype]), _ptr(out),
-        ctypes.c_int(_DTYPES[p.dtype]), ctypes.c_int(len(vectors)),
-        _array(ctypes.c_void_p, [b.data_ptr() if b is not None else None for b, _ in keep]),
-        _array(ctypes.c_void_p, [values.data_ptr() for _, values in keep]),
-        _array(ctypes.c_int, [_DTYPES[values.dtype] for _, values in keep]),
-        _array(ctypes.c_int, [int(v.recompute) for v, _ in vectors]),
-        _array(ctypes.c_int, [int(v.scale is not None) for v, _ in vectors]),
-        _array(ctypes.c_double, [1.0 if v.scale is None else float(v.scale) for v, _ in vectors]),
-        _array(ctypes.c_double, [c for _, c in vectors]),
-        _array(ctypes.c_int64, [values.numel() for _, values in keep]),
-        ctypes.c_int(int(p.dtype == torch.float64)), _ptr(starts))
+    starts = torch.zeros(max(len(vectors), 1), blocks + 1, dtype=torch.int64)
+    for j, (bits, _) in enumerate(keep):
+        if bits is not None:
+            starts[j] = _starts(bits, p.count)
+    _run(lib.swap_combine, p.count,
+         ctypes.c_int64(p.count), _ptr(base), ctypes.c_int(_DTYPES[base.dtype]), _ptr(out),
+         ctypes.c_int(_DTYPES[p.dtype]), ctypes.c_int(len(vectors)),
+         _array(ctypes.c_void_p, [b.data_ptr() if b is not None else None for b, _ in keep]),
+         _array(ctypes.c_void_p, [values.data_ptr() for _, values in keep]),
+         _array(ctypes.c_int, [_DTYPES[values.dtype] for _, values in keep]),
+         _array(ctypes.c_int, [int(v.recompute) for v, _ in vectors]),
+         _array(ctypes.c_int, [int(v.scale is not None) for v, _ in vectors]),
+         _array(ctypes.c_double, [1.0 if v.scale is None else float(v.scale) for v, _ in vectors]),
+         _array(ctypes.c_double, [c for _, c in vectors]),
+         _array(ctypes.c_int64, [values.numel() for _, values in keep]),
+         ctypes.c_int(int(p.dtype == torch.float64)), _ptr(starts))
     return out
 
 
@@ -120,6 +153,6 @@ def scatter(touched: torch.Tensor, merged: torch.Tensor, flat: torch.Tensor) -> 
     """``flat`` (1-D, contiguous) with ``merged`` (its dtype) at the set bits of ``touched``."""
     lib = _library()
     merged, touched = merged.contiguous(), touched.contiguous()
-    starts = torch.empty((flat.numel() + _BLOCK - 1) // _BLOCK + 1, dtype=torch.int64)
-    lib.swap_scatter(ctypes.c_int64(flat.numel()), _ptr(touched), _ptr(merged), _ptr(flat),
-                     ctypes.c_int(flat.element_size()), _ptr(starts))
+    starts = _starts(touched, flat.numel())
+    _run(lib.swap_scatter, flat.numel(), ctypes.c_int64(flat.numel()), _ptr(touched), _ptr(merged), _ptr(flat),
+         ctypes.c_int(flat.element_size()), _ptr(starts))

@@ -7,7 +7,7 @@
  *
  * Entries are taken in blocks of BLOCK (a multiple of 8: whole bytes of a bitmask); a
  * vector's compacted values are found by counting set bits, and the blocks' starting
- * places come from one cheap pass over the bitmask bytes, so blocks run in parallel. */
+ * places come from one cheap pass over the bitmask bytes, so blocks run in parallel (threads of the caller, each a range of blocks). */
 #include <stdint.h>
 #include <string.h>
 #ifdef __AVX2__
@@ -56,10 +56,10 @@ WIDEN(double, widen_f64)
 
 static inline int popcount8(uint8_t b) { return __builtin_popcount((unsigned)b); }
 
-/* starting place of each block among the set bits of `bits` (nblocks + 1 entries) */
-static void block_starts(const uint8_t *bits, int64_t count, int64_t *starts, int64_t nblocks) {
-    int64_t nbytes = (count + 7) / 8;
-#pragma omp parallel for schedule(static)
+/* starting place of each block of `count` entries among the set bits of `bits`
+ * ((count + BLOCK - 1) / BLOCK + 1 entries, the last: every set bit) */
+void swap_starts(const uint8_t *bits, int64_t count, int64_t *starts) {
+    int64_t nbytes = (count + 7) / 8, nblocks = (count + BLOCK - 1) / BLOCK;
     for (int64_t b = 0; b < nblocks; b++) {
         int64_t lo = b * (BLOCK / 8), hi = lo + BLOCK / 8 < nbytes ? lo + BLOCK / 8 : nbytes;
         int64_t s = 0;
@@ -102,17 +102,14 @@ static void store(void *out, int dt, int64_t at, const double *a64, const float 
 #ifdef __AVX2__
 /* per byte value: lane k takes the (set bits below k)-th of 8 consecutive values; lane k's bit */
 static int32_t PERM[256][8], MASK[256][8];
-static int tables_ready;
 
 static void tables(void) {
-    if (tables_ready) return;
     for (int b = 0; b < 256; b++)
         for (int k = 0, r = 0; k < 8; k++) {
             PERM[b][k] = r < 8 ? r : 7;
             MASK[b][k] = (b >> k) & 1 ? -1 : 0;
             r += (b >> k) & 1;
         }
-    tables_ready = 1;
 }
 
 /* one block, float32 work: a = base; per vector, 8 entries at a time, the next values
@@ -211,24 +208,28 @@ static void block_direct(int n, int64_t lo, const void *base, int bdt, void *out
 }
 #endif
 
+/* once, before any other call */
+void swap_init(void) {
+#ifdef __AVX2__
+    tables();
+#endif
+}
+
 /* combine: out[i] = base[i] + sum_j c_j * v_j[i] at `count` touched entries.
  * Per vector j: bits[j] (NULL: every entry), values[j] (dtype vdt[j]), recompute[j]
  * (v = (values - base) [* scale[j] when has_scale[j]]; else v = values), coef[j].
- * work64: float64 work (a float64 merge). starts: scratch, nvec * (nblocks + 1). */
+ * work64: float64 work (a float64 merge). starts: per vector, swap_starts of its bits
+ * (nblocks + 1 entries each). Blocks [first, last) only: callers split a tensor over threads. */
 void swap_combine(int64_t count, const void *base, int bdt, void *out, int odt, int nvec,
                   const uint8_t *const *bits, const void *const *values, const int *vdt,
                   const int *recompute, const int *has_scale, const double *scale, const double *coef,
-                  const int64_t *nvalues, int work64, int64_t *starts) {
+                  const int64_t *nvalues, int work64, const int64_t *starts, int64_t first, int64_t last) {
     int64_t nblocks = (count + BLOCK - 1) / BLOCK;
 #ifdef __AVX2__
-    tables();
     int direct_ok = VEC_DTYPE(bdt) && VEC_DTYPE(odt);
     for (int j = 0; j < nvec; j++) direct_ok &= VEC_DTYPE(vdt[j]);
 #endif
-    for (int j = 0; j < nvec; j++)
-        if (bits[j]) block_starts(bits[j], count, starts + j * (nblocks + 1), nblocks);
-#pragma omp parallel for schedule(static)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
+    for (int64_t blk = first; blk < last; blk++) {
         float b32[BLOCK + 8], a32[BLOCK + 8], v32[BLOCK];
         double b64[BLOCK], a64[BLOCK], v64[BLOCK];
         int32_t where[BLOCK];
@@ -311,14 +312,9 @@ void swap_combine(int64_t count, const void *base, int bdt, void *out, int odt, 
 /* scatter: out[i] = merged[rank of i among the set bits] where bit i of `touched` is set;
  * elsize: bytes per entry (out and merged share the dtype) */
 void swap_scatter(int64_t numel, const uint8_t *touched, const void *merged, void *out, int elsize,
-                  int64_t *starts) {
+                  const int64_t *starts, int64_t first, int64_t last) {
     int64_t nblocks = (numel + BLOCK - 1) / BLOCK;
-#ifdef __AVX2__
-    tables();
-#endif
-    block_starts(touched, numel, starts, nblocks);
-#pragma omp parallel for schedule(static)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
+    for (int64_t blk = first; blk < last; blk++) {
         int32_t where[BLOCK];
         int64_t lo = blk * BLOCK;
         int n = numel - lo < BLOCK ? (int)(numel - lo) : BLOCK;
