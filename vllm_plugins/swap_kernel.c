@@ -112,35 +112,6 @@ static void tables(void) {
         }
 }
 
-/* one block, float32 work: a = base; per vector, 8 entries at a time, the next values
- * moved into their lanes (a permute), the term computed and selected by the bits */
-static void block_f32_avx2(int n, const float *b32, float *a32, int nvec, const uint8_t *const *bits,
-                           int64_t lo, float **v32, const int *recompute, const int *has_scale,
-                           const float *s, const float *c) {
-    for (int i = 0; i < n; i += 8) {
-        __m256 b = _mm256_loadu_ps(b32 + i), a = b;
-        for (int j = 0; j < nvec; j++) {
-            __m256 t, keep;
-            if (bits[j]) {
-                unsigned byte = bits[j][(lo + i) / 8];
-                t = _mm256_permutevar8x32_ps(_mm256_loadu_ps(v32[j]), _mm256_loadu_si256((const __m256i *)PERM[byte]));
-                keep = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)MASK[byte]));
-                v32[j] += __builtin_popcount(byte);
-            } else {
-                t = _mm256_loadu_ps(v32[j]);
-                keep = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-                v32[j] += 8;
-            }
-            if (recompute[j]) {
-                t = _mm256_sub_ps(t, b);
-                if (has_scale[j]) t = _mm256_mul_ps(t, _mm256_set1_ps(s[j]));
-            }
-            t = _mm256_mul_ps(t, _mm256_set1_ps(c[j]));
-            a = _mm256_blendv_ps(a, _mm256_add_ps(a, t), keep);
-        }
-        _mm256_storeu_ps(a32 + i, a);
-    }
-}
 #endif
 
 #ifdef __AVX2__
@@ -178,7 +149,9 @@ static inline void store8(void *out, int dt, int64_t at, __m256 a) {
 #define VEC_DTYPE(dt) ((dt) == BF16 || (dt) == F32)
 #endif
 
-/* one block read and written straight from the tensors (every load of 8 in bounds) */
+/* one block, float32 work, read and written straight from the tensors (every load of 8
+ * in bounds): per vector, 8 entries at a time, the next values moved into their lanes
+ * (a permute), the term computed and selected by the bits */
 static void block_direct(int n, int64_t lo, const void *base, int bdt, void *out, int odt, int nvec,
                          const uint8_t *const *bits, const void *const *values, const int *vdt, int64_t *at,
                          const int *recompute, const int *has_scale, const float *s, const float *c) {
@@ -254,24 +227,6 @@ void swap_combine(int64_t count, const void *base, int bdt, void *out, int odt, 
         }
 #endif
         if (work64) widen_f64(b64, base, bdt, lo, n); else widen_f32(b32, base, bdt, lo, n);
-#ifdef __AVX2__
-        if (!work64 && nvec <= MAXVEC) {
-            float vbuf[MAXVEC][BLOCK + 8], *v[MAXVEC], sf[MAXVEC], cf[MAXVEC];
-            for (int j = 0; j < nvec; j++) {
-                int64_t at = bits[j] ? starts[j * (nblocks + 1) + blk] : lo;
-                int m = bits[j] ? (int)(starts[j * (nblocks + 1) + blk + 1] - at) : n;
-                widen_f32(vbuf[j], values[j], vdt[j], at, m);
-                memset(vbuf[j] + m, 0, 8 * 4); /* padding: read, never used */
-                v[j] = vbuf[j];
-                sf[j] = (float)scale[j];
-                cf[j] = (float)coef[j];
-            }
-            for (int i = n; i < (n + 7) / 8 * 8; i++) b32[i] = 0;
-            block_f32_avx2(n, b32, a32, nvec, bits, lo, v, recompute, has_scale, sf, cf);
-            store(out, odt, lo, 0, a32, n);
-            continue;
-        }
-#endif
         if (work64) memcpy(a64, b64, n * 8); else memcpy(a32, b32, n * 4);
         for (int j = 0; j < nvec; j++) {
             int m = n;
@@ -313,14 +268,13 @@ void swap_combine(int64_t count, const void *base, int bdt, void *out, int odt, 
  * elsize: bytes per entry (out and merged share the dtype) */
 void swap_scatter(int64_t numel, const uint8_t *touched, const void *merged, void *out, int elsize,
                   const int64_t *starts, int64_t first, int64_t last) {
-    int64_t nblocks = (numel + BLOCK - 1) / BLOCK;
     for (int64_t blk = first; blk < last; blk++) {
         int32_t where[BLOCK];
         int64_t lo = blk * BLOCK;
         int n = numel - lo < BLOCK ? (int)(numel - lo) : BLOCK;
         int64_t at = starts[blk];
 #ifdef __AVX2__
-        int64_t end = starts[blk + 1], total = starts[nblocks];
+        int64_t end = starts[blk + 1], total = starts[(numel + BLOCK - 1) / BLOCK];
         if ((elsize == 2 || elsize == 4) && end + 8 <= total && n % 8 == 0) {
             for (int i = 0; i < n; i += 8) { /* the next 8 merged values moved into their lanes */
                 unsigned byte = touched[(lo + i) / 8];
