@@ -24,7 +24,9 @@ only when every term is), so adding +-0 leaves it unchanged bit for bit.
 :func:`combine_packed` gives, at the touched entries, exactly what
 ``mergekit_rlvr.methods.common.combine(base, vectors, c, out_dtype=merge dtype)``
 gives: float32 work (float64 for a float64 merge), per vector one multiply and one
-add per entry in vector order, rounded once.
+add per entry in vector order, rounded once. On CPU tensors it and :func:`scatter` run
+as one C loop per tensor (:mod:`vllm_plugins.cpu_kernel`, same bits); elsewhere (CUDA),
+or without a C compiler, as the torch index ops below.
 """
 
 from __future__ import annotations
