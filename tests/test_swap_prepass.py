@@ -3,6 +3,8 @@ checkpoint again for it: `serve` passes it to its server process (no engine here
 
 from __future__ import annotations
 
+import pickle
+
 import yaml
 
 from mergekit_rlvr.decompose import decompose
@@ -20,7 +22,5 @@ def test_serve_hands_its_prepass_to_the_server(tiny_family, tmp_path):
     _, env = server_command(path, ["--max-model-len", "512"], environ={PREPARED_ENV: "stale"})
     driver = decompose(str(path))
     driver.prepare()
-    worker = decompose(str(path))
-    worker.adopt(decode_prepared(env[PREPARED_ENV]))  # what the endpoint hands its workers
-    assert worker._context.thresholds == driver._context.thresholds and driver._context.thresholds
-    assert worker._context.full_sq == driver._context.full_sq
+    handed = pickle.loads(decode_prepared(env[PREPARED_ENV]))  # what the endpoint hands its workers (adopt)
+    assert handed == driver._context and driver._context.thresholds  # dots' thresholds and norms
