@@ -91,13 +91,37 @@ def bytes_part(family) -> dict:
     return out
 
 
-def combine_part(family, repeats: int = 3) -> dict:
-    """The combine step on dots' packed tensors (in-place style) against memcpy."""
+def _time_swaps(stores, lives, values, repeats: int, kernel: str) -> float:
+    """Best time of one pass of combine + write over every tensor, with
+    MERGEKIT_RLVR_SWAP_KERNEL=kernel (the C loop, or "0": torch's index ops)."""
+    from vllm_plugins import packed
+
+    before = os.environ.get("MERGEKIT_RLVR_SWAP_KERNEL")
+    os.environ["MERGEKIT_RLVR_SWAP_KERNEL"] = kernel
+    try:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for (store, slots), live in zip(stores, lives):
+                merged = packed.combine_packed(store, [values[i] for i in slots])
+                packed.scatter(store, merged.to(live.dtype), live)
+            best = min(best, time.perf_counter() - start)
+        return best
+    finally:
+        if before is None:
+            os.environ.pop("MERGEKIT_RLVR_SWAP_KERNEL")
+        else:
+            os.environ["MERGEKIT_RLVR_SWAP_KERNEL"] = before
+
+
+def combine_part(family, repeats: int = 5) -> dict:
+    """The combine step on dots' packed tensors (in-place style) against memcpy, with the
+    CPU swap kernel (vllm_plugins.cpu_kernel) and with torch's index ops, side by side."""
     import torch
 
     from mergekit_rlvr.decompose import decompose
 
-    from vllm_plugins import packed
+    from vllm_plugins import cpu_kernel, packed
 
     d = decompose(recipes(family)["dots"])
     stores, lives = [], []
@@ -107,19 +131,16 @@ def combine_part(family, repeats: int = 3) -> dict:
         lives.append(base.to(task.save_dtype or base.dtype, copy=True))
     touched = sum(s.nbytes + s.count * live.element_size() for (s, _), live in zip(stores, lives))
     values = [0.9, 1.1]
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for (store, slots), live in zip(stores, lives):
-            merged = packed.combine_packed(store, [values[i] for i in slots])
-            packed.scatter(store, merged.to(live.dtype), live)
-        best = min(best, time.perf_counter() - start)
-    rate = touched / best
-    memcpy = memcpy_rate(touched)
+    _time_swaps(stores, lives, values, 1, "auto")  # builds (or loads) the kernel
+    kernel = _time_swaps(stores, lives, values, repeats, "auto")
+    index_ops = _time_swaps(stores, lives, values, max(1, repeats // 2), "0")
+    memcpy = memcpy_rate(touched, repeats=20)
     del stores, lives
     gc.collect()
-    return {"touched_bytes": touched, "seconds": best, "rate": rate, "memcpy_rate": memcpy,
-            "ratio": rate / memcpy, "threads": torch.get_num_threads()}
+    return {"touched_bytes": touched, "seconds": kernel, "rate": touched / kernel, "memcpy_rate": memcpy,
+            "ratio": touched / kernel / memcpy, "kernel": cpu_kernel._library() is not None,
+            "index_ops_seconds": index_ops, "index_ops_ratio": touched / index_ops / memcpy,
+            "threads": torch.get_num_threads()}
 
 
 def engine_part(root: Path, family, swaps: int) -> dict:
@@ -211,8 +232,9 @@ def report(result: dict) -> None:
           + f" (weights {b['dots']['weights'] / 1e6:.1f} MB; goal for dots <= 1.3x)", flush=True)
     c = result["combine"]
     print(f"combine: {c['touched_bytes'] / 1e6:.1f} MB touched in {c['seconds'] * 1e3:.1f} ms = {c['rate'] / 1e9:.2f} "
-          f"GB/s; memcpy {c['memcpy_rate'] / 1e9:.2f} GB/s; combine/memcpy {100 * c['ratio']:.0f}% (goal >= 50%)",
-          flush=True)
+          f"GB/s; memcpy {c['memcpy_rate'] / 1e9:.2f} GB/s ({c['threads']} threads); combine/memcpy "
+          f"{100 * c['ratio']:.0f}% (goal >= 50%; CPU kernel {'on' if c['kernel'] else 'unavailable'}); torch index ops "
+          f"{c['index_ops_seconds'] * 1e3:.1f} ms = {100 * c['index_ops_ratio']:.1f}%", flush=True)
     if "engine" in result:
         e = result["engine"]
         print(f"swap: median {e['swap_median_seconds']:.3f} s (reload {e['swap_reload_median_seconds']:.3f} s, of "

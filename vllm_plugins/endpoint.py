@@ -26,7 +26,7 @@ import os
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from .names import MODELS_ENV, PLUGIN_NAME, RECIPE_ENV
+from .names import MODELS_ENV, PLUGIN_NAME, PREPARED_ENV, RECIPE_ENV
 from .serving_gate import AdmissionGate, MergeVersionMiddleware
 from .serving_merge import MergeController, MergeRequestError
 
@@ -92,10 +92,10 @@ class MergeEndpointPlugin:
         state.mergekit_rlvr = self.controller
         recipe = os.environ.get(RECIPE_ENV)
         if recipe:
-            from vllm_plugins.spec import load_spec
+            from vllm_plugins.spec import decode_prepared, load_spec
 
             models = json.loads(os.environ.get(MODELS_ENV) or "{}")
-            spec = load_spec(recipe, models=models,
+            spec = load_spec(recipe, models=models, prepared=decode_prepared(os.environ.get(PREPARED_ENV)),
                              trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
             await self.controller.load(spec, recipe=recipe)
         elif not await self.controller.attach():

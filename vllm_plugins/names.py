@@ -10,3 +10,7 @@ RECIPE_ENV = "MERGEKIT_RLVR_SERVE_RECIPE"
 #: JSON {model string as written: local directory}: the server's workers read the
 #: snapshots `serve` resolved (and started vLLM on), not a fresh resolution
 MODELS_ENV = "MERGEKIT_RLVR_SERVE_MODELS"
+#: serve's pre-pass result (``Decomposition.prepared_state()``: dots' thresholds and norms),
+#: zlib + base64 (:func:`vllm_plugins.spec.encode_prepared`), so the server's workers do not
+#: read every checkpoint again for it
+PREPARED_ENV = "MERGEKIT_RLVR_SERVE_PREPARED"

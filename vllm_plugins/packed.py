@@ -24,7 +24,9 @@ only when every term is), so adding +-0 leaves it unchanged bit for bit.
 :func:`combine_packed` gives, at the touched entries, exactly what
 ``mergekit_rlvr.methods.common.combine(base, vectors, c, out_dtype=merge dtype)``
 gives: float32 work (float64 for a float64 merge), per vector one multiply and one
-add per entry in vector order, rounded once.
+add per entry in vector order, rounded once. On CPU tensors it and :func:`scatter` run
+as one C loop per tensor (:mod:`vllm_plugins.cpu_kernel`, same bits); elsewhere (CUDA),
+or without a C compiler, as the torch index ops below.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from mergekit_rlvr.methods.common import MaskedVector, RecomputedVector, SparseVector
+from vllm_plugins import cpu_kernel
 
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -181,6 +184,8 @@ def combine_packed(p: Packed, coefficients: Sequence[float]) -> torch.Tensor:
     entries (1-D, row-major), bit for bit."""
     if len(p.vectors) != len(coefficients):
         raise ValueError(f"{len(p.vectors)} vectors but {len(coefficients)} coefficients")
+    if cpu_kernel.wanted(p.base, p.count):
+        return cpu_kernel.combine(p, coefficients)
     work = torch.float64 if p.dtype == torch.float64 else torch.float32
     base = p.base.to(work)
     acc = base.clone()
@@ -206,11 +211,12 @@ def scatter(p: Packed, merged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Write ``merged`` (from :func:`combine_packed`, cast as wanted) into ``out``
     (``p.shape``, contiguous) at the touched entries."""
     flat = out.view(-1)
-    mask = p.touched_mask()
-    if mask is None:
+    if p.touched is None:
         flat.copy_(merged)
+    elif cpu_kernel.wanted(flat, p.count):
+        cpu_kernel.scatter(p.touched, merged.to(flat.dtype), flat)
     else:
-        flat.masked_scatter_(mask, merged.to(flat.dtype))
+        flat.masked_scatter_(p.touched_mask(), merged.to(flat.dtype))
     return out
 
 

@@ -5,6 +5,8 @@ Used by :class:`vllm_plugins.hotswap.HotSwapLLM` and by the serving endpoint.
 
 from __future__ import annotations
 
+import base64
+import zlib
 from typing import Mapping, Optional, Sequence
 
 from vllm_plugins.rpc import PATHS, LoadRequest
@@ -43,3 +45,20 @@ def load_spec(
         # the driver's pre-pass (Decomposition.prepared_state): workers do not read every checkpoint again
         "prepared": prepared,
     }
+
+
+#: an environment string stays well under Linux's 128 KiB per string
+MAX_ENCODED = 100_000
+
+
+def encode_prepared(state: Optional[bytes]) -> Optional[str]:
+    """``Decomposition.prepared_state()`` as an environment string (None: nothing to
+    pass, or too large: the workers then run the pre-pass themselves)."""
+    if state is None:
+        return None
+    encoded = base64.b64encode(zlib.compress(state, 6)).decode("ascii")
+    return encoded if len(encoded) <= MAX_ENCODED else None
+
+
+def decode_prepared(encoded: Optional[str]) -> Optional[bytes]:
+    return None if not encoded else zlib.decompress(base64.b64decode(encoded))

