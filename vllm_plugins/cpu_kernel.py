@@ -114,8 +114,11 @@ def _run(fn, count: int, *args) -> None:
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    if _lib.get("pool") is None or _lib["pool"]._max_workers < threads:
+    if _lib.get("pool_size", 0) < threads:
+        if _lib.get("pool") is not None:
+            _lib["pool"].shutdown(wait=False)
         _lib["pool"] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hot-swap")
+        _lib["pool_size"] = threads
     edges = [blocks * i // threads for i in range(threads + 1)]
     futures = [_lib["pool"].submit(fn, *args, ctypes.c_int64(a), ctypes.c_int64(b)) for a, b in zip(edges, edges[1:])]
     for future in futures:
