@@ -77,7 +77,6 @@ def decompose(recipe: RecipeLike, *, trust_remote_code: bool = False) -> Decompo
         base=base,
         models=models,
         base_path=os.path.abspath(base.model.path),
-        model_paths=[os.path.abspath(m.model.path) for m in models],
         resolved={written: path for path, written in aliases.items()},
         coefficient_names=names,
         coefficients=coefficients,

@@ -30,7 +30,6 @@ class Decomposition:
     base: Any  # ModelReference
     models: List[Any]  # ModelReference, one per non-base input, recipe order
     base_path: str  # local directory (a hub id's snapshot in the Hugging Face cache)
-    model_paths: List[str]
     resolved: Dict[str, str]  # model string as written -> local directory, where they differ
     coefficient_names: List[str]
     coefficients: List[float]

@@ -84,7 +84,7 @@ def test_decompose_keeps_names_as_written(hub, recipe):
     d = decompose(str(recipe))
     assert d.coefficient_dict() == WEIGHTS
     assert d.base_path == hub["snapshots"][BASE]
-    assert d.model_paths == [hub["snapshots"][SFT_V1], hub["snapshots"][RL]]
+    assert [d.resolved[m] for m in (SFT_V1, RL)] == [hub["snapshots"][SFT_V1], hub["snapshots"][RL]]
     argv, env = server_command(recipe, ["--port", "1"])
     assert argv[argv.index("--model") + 1] == hub["snapshots"][BASE]
     assert json.loads(env[MODELS_ENV]) == {m: hub["snapshots"][m] for m in (BASE, SFT_V1, RL)}
