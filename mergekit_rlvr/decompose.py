@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import List, Mapping, Optional, Tuple
 
-from mergekit_rlvr.decomposition import Decomposition, TensorTask, _spec  # noqa: F401
+from mergekit_rlvr.decomposition import Decomposition, TensorTask  # noqa: F401
 from mergekit_rlvr.errors import UserError
 from mergekit_rlvr.kernels.coefficients import coefficient
 from mergekit_rlvr.recipes import (  # noqa: F401  (this module's historical public names)

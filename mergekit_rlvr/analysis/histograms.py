@@ -27,7 +27,8 @@ class MagnitudeHistogram:
     """Pass 1 histogram of one vector's |Delta| bit patterns: coarse (top 16 bits)
     everywhere, and fine (all 32 bits) inside ``refined`` coarse bins, the bins the
     pre-pass sample predicts to hold a threshold (``kernels.histogram_key``): when
-    the prediction holds, pass 1 pins the thresholds exactly and pass 2 is skipped."""
+    the prediction holds, pass 1 pins the thresholds exactly and pass 2 is skipped.
+    ``counts`` is filled by :class:`Counting` from the keys of ``pass1_kernel``."""
 
     def __init__(self, refined: Sequence[int] = (), device="cpu", width: int = 0):
         self.bins = sorted(set(refined))
@@ -41,9 +42,6 @@ class MagnitudeHistogram:
         self.refined = torch.tensor(padded, dtype=torch.int32, device=device)
         self.size = COARSE_BINS + len(self.bins) * FINE_BINS
         self.counts = torch.zeros(self.size, dtype=torch.int64, device=device)
-
-    def add(self, key: torch.Tensor) -> None:
-        count_into(self.counts, key)
 
     def fine(self, coarse_bin: int) -> Optional[torch.Tensor]:
         """The low-16-bit histogram of a refined bin (None if not refined)."""
@@ -184,7 +182,8 @@ def refine(boundary: Boundary, fine: Optional[torch.Tensor]) -> float:
 
 
 class FineHistograms:
-    """Pass 2 for one task vector: low-16-bit histograms inside the boundary bins."""
+    """Pass 2 for one task vector: low-16-bit histograms inside the boundary bins
+    (``counts``, filled by :class:`Counting` from the keys of ``pass2_kernel``)."""
 
     def __init__(self, bins: Sequence[int], dump: Optional[int] = None, device="cpu"):
         self.bins = sorted(set(bins))
@@ -196,11 +195,6 @@ class FineHistograms:
             offset_of[coarse_bin] = slot * FINE_BINS
         self.offset_of = offset_of.to(device)
         self.counts = torch.zeros(self.dump + 1, dtype=torch.int64, device=device)
-
-    def add(self, key: torch.Tensor) -> None:
-        """``key``: this model's entry of ``pass2_kernel`` (built with ``offset_of``)."""
-        if self.bins:
-            count_into(self.counts, key)
 
     def of(self, coarse_bin: int) -> torch.Tensor:
         slot = self.bins.index(coarse_bin)

@@ -26,7 +26,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_rlvr.analysis.histograms import count_into
 
 #: the kept shares of ``sign_conflict_by_density`` (0.1, 0.2, ..., 1.0)
 DENSITIES: Tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
@@ -156,16 +155,13 @@ class TopModuleStats:
 
 class DensityConflictStats:
     """Pass 3 for a pair: joint histogram of (thresholds passed by a, by b) for
-    entries updated in both, split by agreeing / opposite signs."""
+    entries updated in both, split by agreeing / opposite signs (``counts``: the
+    pair's ``pass3_kernel`` codes, counted by ``histograms.Counting``)."""
 
     def __init__(self, slots_a: int, slots_b: int, device="cpu"):
         self.width = slots_b + 1
         self.size = (slots_a + 1) * (slots_b + 1)
         self.counts = torch.zeros(3 * self.size, dtype=torch.int64, device=device)
-
-    def add(self, code: torch.Tensor) -> None:
-        """``code``: this pair's entry of ``pass3_kernel``."""
-        count_into(self.counts, code)
 
     def rate(self, slot_a: int, slot_b: int) -> Tuple[int, int]:
         """(co-kept entries updated in both, of which opposite signs) when a keeps
