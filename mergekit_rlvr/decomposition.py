@@ -36,6 +36,9 @@ class Decomposition:
     tasks: List[TensorTask]
     _context: Any = field(default=None, repr=False)
     _prepared: bool = field(default=False, repr=False)
+    #: [bytes read from the checkpoints for tensors, bytes of those tensors whole]
+    #: (the pre-pass excluded): what reading parts (``sources_part``) saved
+    read_bytes: List[int] = field(default_factory=lambda: [0, 0], repr=False)
 
     # -- public ---------------------------------------------------------------
     @property
@@ -96,6 +99,16 @@ class Decomposition:
         ``combine`` on :meth:`tensor`'s vectors bit for bit."""
         return self._vectors(task, stored=True)
 
+    def sources_part(self, task: TensorTask, box) -> Tuple[Any, List[Any], Any]:
+        """:meth:`sources` of ``box`` (one slice per dimension) of the tensor: where the
+        method's vectors are elementwise given its pre-pass (``elementwise``), only that
+        part of each checkpoint is read; elsewhere the whole tensor is. Returns (base,
+        vectors, the box they cover: ``box``, or None for the whole tensor)."""
+        if box is not None and not self._elementwise(task):
+            box = None
+        base, vectors = self._vectors(task, stored=True, box=box)
+        return base, vectors, box
+
     def iter_tensors(self, names: Optional[Iterable[str]] = None, progress: bool = False):
         """(task, base, vectors) for every planned tensor (or those in ``names``)."""
         wanted = None if names is None else set(names)
@@ -108,15 +121,31 @@ class Decomposition:
             base, vectors = self.tensor(task)
             yield task, base, vectors
 
-    def base_tensor(self, task: TensorTask):
-        """The base's tensor as stored in its checkpoint (what an engine loads)."""
-        t = task.task
-        for key, load in t.gather_tensors.arguments().items():
+    def base_tensor(self, task: TensorTask, box=None):
+        """The base's tensor as stored in its checkpoint (what an engine loads), or only
+        ``box`` of it (:func:`mergekit_rlvr.mergekit_compat.read_tensor`)."""
+        from mergekit_rlvr.mergekit_compat import read_tensor
+
+        value = read_tensor(self._base_load(task), box, self.read_bytes)
+        if value is None:
+            raise UserError(f"base model {self.base} has no tensor {task.name}")
+        return value
+
+    def base_info(self, task: TensorTask) -> Tuple[Tuple[int, ...], Any]:
+        """(shape, dtype) of the base's tensor, from its checkpoint's header where it
+        has one (nothing read), else from the tensor."""
+        from mergekit_rlvr.mergekit_compat import tensor_info
+
+        info = tensor_info(self._base_load(task))
+        if info is None or info[1] is None:
+            value = self.base_tensor(task)
+            return tuple(value.shape), value.dtype
+        return info
+
+    def _base_load(self, task: TensorTask):
+        for key, load in task.task.gather_tensors.arguments().items():
             if load.model == self.base:
-                value = load.model_copy(update={"dtype": None}).execute()
-                if value is None:
-                    raise UserError(f"base model {self.base} has no tensor {task.name}")
-                return value
+                return load.model_copy(update={"dtype": None})
         raise UserError(f"tensor {task.name}: the base model is not among its inputs")
 
     def merged(self, task: TensorTask, coefficients=None):
@@ -129,23 +158,30 @@ class Decomposition:
         return out.to(task.save_dtype) if task.save_dtype is not None else out
 
     # -- internals --------------------------------------------------------------
-    def _group(self, task: TensorTask):
+    def _group(self, task: TensorTask, box=None):
         """The TensorGroup and bound parameters exactly as mergekit's merge task
-        builds them (:func:`mergekit_rlvr.mergekit_compat.merge_inputs`), checked."""
+        builds them (:func:`mergekit_rlvr.mergekit_compat.merge_inputs`; ``box``: of
+        that part of every input), checked."""
         from mergekit_rlvr.kernels.base import check_group
         from mergekit_rlvr.mergekit_compat import merge_inputs
 
-        group, parameters, dtype = merge_inputs(task.task, task.name, _spec(self.method))
+        group, parameters, dtype = merge_inputs(task.task, task.name, _spec(self.method), box, self.read_bytes)
         check_group(group)
         return group, parameters, dtype
 
-    def _vectors(self, task: TensorTask, stored: bool) -> Tuple[Any, List[Any]]:
+    def _elementwise(self, task: TensorTask) -> bool:
+        from mergekit_rlvr.mergekit_compat import shared_parameters
+
+        self.prepare()
+        return bool(self._described().elementwise(self._context, shared_parameters(task.task)))
+
+    def _vectors(self, task: TensorTask, stored: bool, box=None) -> Tuple[Any, List[Any]]:
         """(base, vectors) from the method's ``swap_vectors`` (``stored``) or ``vectors``,
         each coefficient checked against the recipe's one value."""
         from mergekit_rlvr.methods.common import MaskedVector
 
         self.prepare()
-        group, parameters, _dtype = self._group(task)
+        group, parameters, _dtype = self._group(task, box)
         self._entries(group)
         method = self._described()
         build = method.swap_vectors if stored else method.vectors

@@ -9,7 +9,8 @@ mergekit version moved it, the error is one line naming the versions.
 
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+import math
+from typing import Any, Dict, List, Optional, Tuple
 
 from mergekit_rlvr.errors import UserError
 
@@ -61,11 +62,13 @@ def planned_tensors(planner) -> List[Tuple[Any, Any, Any]]:
     return [(w, t, w.force_dtype or planner.config.out_dtype) for w, t in planned]
 
 
-def merge_inputs(task, name: str, spec) -> Tuple[Any, dict, Any]:
+def merge_inputs(task, name: str, spec, box: Optional["Box"] = None,
+                 tally: Optional[List[int]] = None) -> Tuple[Any, dict, Any]:
     """(TensorGroup, bound parameters, dtype) that mergekit 0.1.5's
     ``ExecuteMergeMethodTask.execute`` hands to the method for ``task``: its
     gathered inputs in model order, the shared parameters and the per-input ones
-    (``spec.input_parameters``) as ``PerInputValues``, aligned to the method's dtype."""
+    (``spec.input_parameters``) as ``PerInputValues``, aligned to the method's dtype.
+    ``box``: only that part of every input (:func:`read_tensor`; ``tally``: bytes read)."""
     from mergekit.common import dtype_from_name
     from mergekit.merge_methods.base import ParameterScope, PerInputValues, TensorEntry, TensorGroup, TensorMetadata
     from mergekit.merge_methods.dtype import align_dtype, promoted_dtype
@@ -76,7 +79,7 @@ def merge_inputs(task, name: str, spec) -> Tuple[Any, dict, Any]:
     except AttributeError as error:
         raise _moved("the merge task's inputs (ExecuteMergeMethodTask)", error) from None
     try:
-        values = {key: load.execute() for key, load in loads.items()}
+        values = {key: read_tensor(load, box, tally) for key, load in loads.items()}
     except (RuntimeError, KeyError) as error:
         raise UserError(f"tensor {name}: {error}") from None
     tensors = task.gather_tensors.execute(**values)
@@ -95,3 +98,84 @@ def merge_inputs(task, name: str, spec) -> Tuple[Any, dict, Any]:
                                                      for e in inputs])
     dtype = dtype_from_name(task.dtype) or promoted_dtype(group)
     return align_dtype(group, dtype), parameters, dtype
+
+
+def shared_parameters(task) -> dict:
+    """The shared (not per-input) parameters of a merge task, as :func:`merge_inputs`
+    binds them, without reading any tensor."""
+    try:
+        return dict(task.parameters.items())
+    except AttributeError as error:
+        raise _moved("the merge task's parameters (ExecuteMergeMethodTask.parameters)", error) from None
+
+
+# -- reading part of a tensor (a tensor-parallel rank's shard) ---------------------------
+Box = Tuple[slice, ...]  # one slice per dimension
+
+
+def _safetensors_file(load) -> Tuple[Any, Any]:
+    """(safetensors file, tensor name) that ``LoadTensor.execute`` would read
+    ``load.tensor`` from (its name, aliases or tied names, in that order), or
+    (None, None) where it reads otherwise (a pickled checkpoint, a converted tensor)."""
+    import os
+
+    try:
+        from mergekit.io.tasks import LoaderCache
+
+        index = LoaderCache().get(load.model).index
+        names = [load.tensor, *(load.aliases or ()), *(load.tied_names or ())]
+        found = next((n for n in names if n in index.tensor_paths), None)
+    except (ImportError, AttributeError) as error:
+        raise _moved("LoadTensor's loader index (LoaderCache().get(model).index.tensor_paths)", error) from None
+    if found is None or not index.tensor_paths[found].endswith(".safetensors"):
+        return None, None
+    return os.path.join(index.base_path, index.tensor_paths[found]), found
+
+
+def tensor_info(load) -> Optional[Tuple[Tuple[int, ...], Any]]:
+    """(shape, dtype) of the tensor ``load`` reads, from the safetensors header (nothing
+    read); None where it is not a plain safetensors tensor."""
+    from safetensors import safe_open
+
+    path, name = _safetensors_file(load)
+    if path is None:
+        return None
+    with safe_open(path, framework="pt") as handle:
+        part = handle.get_slice(name)
+        shape, dtype = tuple(part.get_shape()), part.get_dtype()
+    import torch
+
+    return shape, getattr(torch, _SAFETENSORS_DTYPES.get(dtype, ""), None)
+
+
+def read_tensor(load, box: Optional[Box] = None, tally: Optional[List[int]] = None):
+    """``LoadTensor.execute()``, or only ``box`` of it: a slice of a safetensors tensor
+    read from the file (safetensors' ``get_slice``), converted to ``load.dtype`` as
+    mergekit converts. Where the tensor is not a plain safetensors one, the whole
+    tensor is read and sliced. ``tally``: ``[bytes read, bytes of the whole tensors]``,
+    grown by this read."""
+    from mergekit.common import dtype_from_name
+    from safetensors import safe_open
+
+    path = name = None
+    if box is not None:
+        path, name = _safetensors_file(load)
+    if path is None:
+        x = load.execute()
+        if x is not None and tally is not None:
+            tally[0] += x.numel() * x.element_size()
+            tally[1] += x.numel() * x.element_size()
+        return x if x is None or box is None else x[box]
+    with safe_open(path, framework="pt") as handle:
+        part = handle.get_slice(name)
+        x = part[box]
+    if tally is not None:
+        tally[0] += x.numel() * x.element_size()
+        tally[1] += math.prod(part.get_shape()) * x.element_size()
+    if load.dtype and (dtype := dtype_from_name(load.dtype)) != x.dtype:
+        x = x.to(dtype=dtype)
+    return x.to(load.device or "cpu")
+
+
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}

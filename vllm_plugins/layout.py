@@ -163,12 +163,48 @@ def only(pl: ParamLayout, checkpoint: str) -> ParamLayout:
     return ParamLayout(pl.name, pl.shape, [c for c in pl.copies if c.checkpoint == checkpoint])
 
 
-def rank_positions(layout: Layout, checkpoint: str, shape) -> Optional[torch.Tensor]:
-    """Flat bool mask of the entries of ``checkpoint`` this rank's loaders copy from,
-    or None when they read all of it (one rank, replicated tensors)."""
+def _covered(layout: Layout, checkpoint: str, shape) -> torch.Tensor:
     covered = torch.zeros(int(torch.Size(shape).numel()), dtype=torch.bool)
     for pl in layout.params.values():
         for c in pl.copies:
             if c.checkpoint == checkpoint:
                 covered.as_strided(*c.src).fill_(True)
+    return covered
+
+
+def rank_positions(layout: Layout, checkpoint: str, shape) -> Optional[torch.Tensor]:
+    """Flat bool mask of the entries of ``checkpoint`` this rank's loaders copy from,
+    or None when they read all of it (one rank, replicated tensors)."""
+    covered = _covered(layout, checkpoint, shape)
     return None if bool(covered.all()) else covered
+
+
+def read_box(layout: Layout, checkpoint: str, shape) -> Optional[Tuple[slice, ...]]:
+    """The smallest box (one slice per dimension) holding every entry of
+    ``checkpoint`` this rank's loaders copy from: what this rank needs to read of it
+    (a column-parallel shard: a block of rows; row-parallel: a block of columns).
+    None: all of it, or a layout that cannot tell (a failed recording, copies from
+    something other than a checkpoint view, a tensor no loader reads)."""
+    if layout.error is not None or layout.stray or not shape:
+        return None
+    covered = _covered(layout, checkpoint, shape).view(tuple(shape))
+    if not bool(covered.any()) or bool(covered.all()):
+        return None
+    box = []
+    for dim in range(covered.dim()):
+        others = [d for d in range(covered.dim()) if d != dim]
+        used = (covered.any(dim=others) if others else covered).nonzero().squeeze(1)
+        box.append(slice(int(used[0]), int(used[-1]) + 1))
+    if all(b.stop - b.start == n for b, n in zip(box, shape)):
+        return None
+    return tuple(box)
+
+
+def expand(part: torch.Tensor, shape, box: Optional[Tuple[slice, ...]]) -> torch.Tensor:
+    """``part`` (the ``box`` of a tensor of ``shape``) in a tensor of ``shape``, zeros
+    elsewhere: entries no copy of this rank reads, so never used."""
+    if box is None:
+        return part
+    out = part.new_zeros(tuple(shape))
+    out[box] = part
+    return out

@@ -67,6 +67,7 @@ class _State:
     layout_stray: int = 0
     combine_seconds: float = 0.0
     offload: bool = False  # base and vectors in (pinned) host memory, streamed per swap
+    reads: Dict[str, Any] = field(default_factory=dict)  # parts.Parts.reads: what this rank read to load
 
 
 @contextlib.contextmanager
@@ -115,13 +116,15 @@ class HotSwapWorkerExtension:
         d = decompose(spec["recipe"], trust_remote_code=bool(spec.get("trust_remote_code", False)))
         if spec.get("prepared") is not None:
             d.adopt(spec["prepared"])  # the driver read every checkpoint once already
+        prepass = spec.get("prepared") is None
         d.prepare()
-        layout, plan = self._hs_plan(d, spec.get("paths", "auto") == "reload")
+        layout, plan, parts = self._hs_plan(d, spec.get("paths", "auto") == "reload")
         state = _State(method=d.method, names=names_as_written(d.coefficient_names, spec.get("aliases") or {}),
                        coefficients=list(d.coefficients), paths=dict(plan.paths),
                        layout_error=layout.error, layout_stray=layout.stray)
-        state.inplace, state.reload = self._hs_build(d, layout, plan, bool(spec.get("offload", False)))
+        state.inplace, state.reload = self._hs_build(d, layout, plan, parts, bool(spec.get("offload", False)))
         state.offload = bool(spec.get("offload", False))
+        state.reads = parts.reads(d, prepass)
         if self._hotswap is not None:
             state.version = self._hotswap.version
         self._hotswap = state
@@ -143,20 +146,25 @@ class HotSwapWorkerExtension:
         from vllm_plugins.layout import record_layout
         from vllm_plugins.plan import ParamFacts, plan_paths
 
+        from vllm_plugins.parts import Parts
+
         model = self._hs_model()
         live = dict(model.named_parameters(remove_duplicate=False))
         named = dict(model.named_modules(remove_duplicate=False))
-        bases = {task.name: d.base_tensor(task) for task in d.tasks}
+        infos = {task.name: d.base_info(task) for task in d.tasks}  # from the headers: nothing read yet
         slots = {task.name: tuple(task.slots) for task in d.tasks}
-        layout = record_layout(model, [(n, b.shape, b.dtype) for n, b in bases.items()])
+        layout = record_layout(model, [(n, shape, dtype) for n, (shape, dtype) in infos.items()])
+        parts = Parts.of(layout, infos)  # what of each checkpoint tensor this rank reads
+        tasks = {task.name: task for task in d.tasks}
         facts = {}
-        for pname, pl in layout.params.items():
+        for pname, pl in layout.params.items():  # one parameter's bases at a time
             module = named.get(pname.rpartition(".")[0])
+            bases = {c: functools.partial(parts.base, d, tasks[c]) for c in pl.checkpoints}
             facts[pname] = ParamFacts(pname, tuple(pl.checkpoints), _holds_base(live.get(pname), pl, bases),
                                       tuple(slots[c] for c in pl.checkpoints), _no_derived_weights(module))
-        return layout, plan_paths(facts, d.tensor_names, force_reload)
+        return layout, plan_paths(facts, d.tensor_names, force_reload), parts
 
-    def _hs_build(self, d, layout, plan, offload: bool = False):
+    def _hs_build(self, d, layout, plan, parts, offload: bool = False):
         from tqdm import tqdm
 
         from vllm_plugins.stores import Builder
@@ -167,8 +175,8 @@ class HotSwapWorkerExtension:
         builder = Builder(plan, layout, live, "pinned" if offload else device)
         with torch.no_grad():
             for task in tqdm(d.tasks, desc=f"{d.method}: vectors", leave=False):
-                base, sources = d.sources(task)
-                builder.add(task, base, sources, functools.partial(d.base_tensor, task))
+                base, sources = parts.sources(d, task)
+                builder.add(task, base, sources, functools.partial(parts.base, d, task))
         builder.check_complete()
         return builder.inplace, builder.reload
 
@@ -229,6 +237,7 @@ class HotSwapWorkerExtension:
             "layout_stray_copies": state.layout_stray,
             "reload_rank_restricted": sum(e.cover is not None for e in state.reload),
             "load_seconds": state.load_seconds, "rank": int(getattr(self, "rank", 0)), "offload": state.offload,
+            "reads": dict(state.reads),
         }
 
     def hotswap_read(self, names: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -243,14 +252,15 @@ class HotSwapWorkerExtension:
         return out
 
 
-def _holds_base(p: Optional[torch.Tensor], pl, bases: Dict[str, torch.Tensor]) -> bool:
+def _holds_base(p: Optional[torch.Tensor], pl, bases: Dict[str, Any]) -> bool:
     """The live parameter is a plain contiguous floating tensor of its loading shape
-    holding exactly what the loaders put there from the base."""
+    holding exactly what the loaders put there from the base (``bases``: checkpoint
+    tensor -> a function reading it, called only when the cheap checks pass)."""
     if p is None or p.is_meta or not p.is_floating_point() or tuple(p.shape) != tuple(pl.shape):
         return False
     if not p.is_contiguous():
         return False
-    expect = pl.replay({c: bases[c] for c in pl.checkpoints}, p.detach().clone())
+    expect = pl.replay({c: bases[c]() for c in pl.checkpoints}, p.detach().clone())
     return torch.equal(expect, p.detach())
 
 

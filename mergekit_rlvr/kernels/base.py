@@ -185,6 +185,13 @@ class PreparedMergeMethod(GroupMergeMethod):
         mergekit's merge task builds it), the context ``vectors`` takes."""
         return self._context([group], [parameters], [dtype])
 
+    def elementwise(self, context: Any, parameters: Dict[str, Any]) -> bool:
+        """Whether ``swap_vectors`` on the same part of every input (a box of rows and
+        columns) gives exactly that part of the whole tensor's vectors, given the
+        pre-pass ``context``: then a tensor-parallel rank reads only its shard's part of
+        each checkpoint. False by default (a per-tensor quantile, a rank, a norm)."""
+        return False
+
     def swap_vectors(self, group: TensorGroup, context: Any, **parameters) -> Tuple[list, List[float]]:
         """``vectors`` in the form the hot swap stores (``combine`` on them equals
         ``combine`` on ``vectors`` bit for bit); by default ``vectors`` themselves."""

@@ -82,6 +82,12 @@ class DotsMerge(PreparedMergeMethod):
             coefficients.append(weight[entry.id])
         return vectors, coefficients
 
+    def elementwise(self, context, parameters) -> bool:
+        """With the pre-pass's thresholds (and gamma) a mask entry is ``|tau| >= t``;
+        without them (rescale none or tensor, per-tensor top p) each tensor's own
+        quantile or norm is needed."""
+        return context is not None and check_rescale(parameters["rescale"]) != "tensor"
+
     def swap_vectors(self, group: TensorGroup, context, **parameters):
         """The hot swap's storage form: each model's own values, its mask and gamma
         (``RecomputedVector``; tau is recomputed from the base it is added to)."""

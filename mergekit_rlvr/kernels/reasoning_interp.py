@@ -31,6 +31,9 @@ class ReasoningInterpMerge(PreparedMergeMethod):
         (sft,) = group.non_base
         return [interp_vector(group.base.tensor, sft.tensor)], [check_alpha(alpha)]
 
+    def elementwise(self, context, parameters) -> bool:
+        return True  # tau = theta_SFT - theta_M entry by entry
+
     def swap_vectors(self, group: TensorGroup, context, *, alpha):
         """The hot swap's storage form: the SFT model's own values (``interp_vector``,
         tau = theta_SFT - theta_M, is recomputed from the base it is added to)."""

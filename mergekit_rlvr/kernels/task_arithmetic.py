@@ -30,6 +30,9 @@ class TaskArithmetic:
             pass
         return None
 
+    def elementwise(self, context, parameters) -> bool:
+        return True  # lambda * tau_j entry by entry
+
     def vectors(self, group, context, **parameters) -> Tuple[list, List[float]]:
         """tau_j (times lambda) per model; coefficient = its weight."""
         from mergekit_rlvr.methods.common import task_vector

@@ -314,7 +314,7 @@ def test_tensor_parallel_2_equals_vllms_own_tp2_load(setup, monkeypatch):
     mergekit-yaml output gives: ``reload_weights`` from that directory on the same
     engine afterwards (vLLM's loaders and sharding, every weight overwritten; one TP=2
     engine start instead of two, where the TP=1 tests use a separate plain engine);
-    each rank reports the bytes it holds, about half."""
+    each rank reports the bytes it holds and reads, about half."""
     from vllm_plugins import HotSwapLLM, rpc
 
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
@@ -334,6 +334,12 @@ def test_tensor_parallel_2_equals_vllms_own_tp2_load(setup, monkeypatch):
                 single = llm.planned_bytes["total"]  # what one rank would hold
                 assert all(0 < s["bytes"] < 0.7 * single for s in states), [s["bytes"] for s in states]
                 assert all(s["reload_rank_restricted"] > 0 for s in states)
+                # each rank read its shard's box of each checkpoint tensor: about half
+                reads = [s["reads"] for s in states]
+                assert all(r["boxed"] > 0 and 0 < r["bytes"] < 0.6 * r["whole"] for r in reads), reads
+            else:  # sar's private region is a per-tensor rank: whole tensors (but the base check's boxes)
+                reads = [s["reads"] for s in states]
+                assert all(r["prepass"] and 0.6 * r["whole"] < r["bytes"] <= r["whole"] for r in reads), reads
             ours[method] = (run(llm), llm.read_weights())
         for method in ("dots", "sar"):
             llm.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(setup[method][1])})
