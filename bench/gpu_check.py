@@ -20,7 +20,9 @@ Sections (``--only`` picks some):
   and lm_head included), a 2-model dots recipe at density 0.3, packed as the worker
   packs it (``vllm_plugins.packed``); one swap = ``combine_packed`` + ``scatter``
   into the live bf16 parameters. Prints held bytes / weight bytes, the swap's time
-  and its rate for the bytes it must read and write against ``copy`` (goal >= 0.5).
+  and its rate for the bytes it must read and write against ``copy`` (goal >= 0.5);
+  then the host-offload mode's swap (the stores in pinned host memory, streamed to
+  the device per swap) against it.
 - ``equal``: the swap and the dots/sar/interpolation merge math on the device equal
   the CPU's bit for bit on one layer's tensors.
 - ``merge``: what ``mergekit-yaml --cuda`` runs (mergekit's ``run_merge``) on
@@ -137,6 +139,26 @@ def section_swap(args, copy_rate: float) -> None:
           f"{weight_bytes / 1e9:.2f} GB of bf16 weights, {len(stores)} tensors)")
     print(f"swap time: {seconds * 1e3:.1f} ms; rate {moved / seconds / 1e9:.1f} GB/s = "
           f"{moved / seconds / copy_rate:.2f} x copy (goal >= 0.5)")
+    section_offload(args, stores, live, held, seconds)
+
+
+def section_offload(args, stores, live, held: int, resident: float) -> None:
+    """The host-offload mode (``HotSwapLLM.from_recipe(offload=True)``): the same stores in
+    pinned host memory, streamed to the device at each swap by the worker's own
+    ``stores.InPlace.swap``."""
+    from vllm_plugins.stores import InPlace
+
+    entries = [InPlace(f"p{i}", param, store.to("pinned"), None, [0, 1])
+               for i, (store, param) in enumerate(zip(stores, live))]
+
+    def swap():
+        for entry in entries:
+            entry.swap(COEFFICIENTS)
+
+    seconds = timed(args.device, swap)
+    where = "pinned host memory -> GPU" if args.device == "cuda" else "host memory (no GPU: nothing is streamed)"
+    print(f"offload swap time: {seconds * 1e3:.1f} ms = {seconds / resident:.2f} x the resident swap; "
+          f"{held / seconds / 1e9:.1f} GB/s of held bytes streamed ({where})")
 
 
 def section_equal(args) -> None:

@@ -190,6 +190,7 @@ def engine_part(root: Path, family, swaps: int) -> dict:
         "per_rank_bytes": [s["bytes"] for s in states], "weight_bytes": states[0]["weight_bytes"],
         "planned_per_rank_bytes": planned["per_rank"],
         "inplace_params": len(states[0]["inplace"]), "reload_tensors": len(states[0]["reload"]),
+        "read_bytes": [s["reads"]["bytes"] for s in states], "read_whole_bytes": [s["reads"]["whole"] for s in states],
     }
 
 
@@ -202,7 +203,9 @@ def tp_part(root: Path, family, tp: int) -> dict:
     states, planned = llm.state(), llm.planned_bytes
     llm.close()
     return {"tp": tp, "per_rank_bytes": [s["bytes"] for s in states], "planned_per_rank_bytes": planned["per_rank"],
-            "single_rank_bytes": planned["total"], "weight_bytes": planned["weights"]}
+            "single_rank_bytes": planned["total"], "weight_bytes": planned["weights"],
+            # what each rank read of the checkpoints to load, against the same reads of whole tensors
+            "read_bytes": [s["reads"]["bytes"] for s in states], "read_whole_bytes": [s["reads"]["whole"] for s in states]}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -250,6 +253,9 @@ def report(result: dict) -> None:
         print(f"TP={t['tp']}: per-rank bytes {[round(x / 1e6, 1) for x in t['per_rank_bytes']]} MB (planned "
               f"{t['planned_per_rank_bytes'] / 1e6:.1f} MB; one rank would hold {t['single_rank_bytes'] / 1e6:.1f} MB)",
               flush=True)
+        shares = [r / w for r, w in zip(t["read_bytes"], t["read_whole_bytes"])]
+        print(f"TP={t['tp']}: each rank read {[round(x / 1e6, 1) for x in t['read_bytes']]} MB of the checkpoints = "
+              f"{[round(x, 3) for x in shares]}x the same reads of whole tensors (goal: about 1/{t['tp']})", flush=True)
 
 
 def main(argv=None):
