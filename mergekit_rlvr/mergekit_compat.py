@@ -163,8 +163,9 @@ def read_tensor(load, box: Optional[Box] = None, tally: Optional[List[int]] = No
     if path is None:
         x = load.execute()
         if x is not None and tally is not None:
-            tally[0] += x.numel() * x.element_size()
-            tally[1] += x.numel() * x.element_size()
+            read = _stored_bytes(load, x)
+            tally[0] += read
+            tally[1] += read
         return x if x is None or box is None else x[box]
     with safe_open(path, framework="pt") as handle:
         part = handle.get_slice(name)
@@ -175,6 +176,14 @@ def read_tensor(load, box: Optional[Box] = None, tally: Optional[List[int]] = No
     if load.dtype and (dtype := dtype_from_name(load.dtype)) != x.dtype:
         x = x.to(dtype=dtype)
     return x.to(load.device or "cpu")
+
+
+def _stored_bytes(load, x) -> int:
+    """The bytes ``x`` (``load``'s tensor, converted to ``load.dtype``) takes in its file."""
+    info = tensor_info(load) if load.dtype else None
+    if info is None or info[1] is None:
+        return x.numel() * x.element_size()
+    return x.numel() * info[1].itemsize
 
 
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
