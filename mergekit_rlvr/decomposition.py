@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from mergekit_rlvr.errors import UserError
 from mergekit_rlvr.recipes import normalize_coefficients
@@ -56,14 +56,52 @@ class Decomposition:
         return check_values(self.method, self.coefficient_names,
                             normalize_coefficients(self.coefficient_names, coefficients))
 
-    def prepare(self) -> None:
+    def prepare(self, visit: Optional[Callable[[TensorTask, Any, List[Any]], None]] = None) -> Set[str]:
         """The whole-model pre-pass (reads every tensor once, checks inputs): the
-        method's own (``swap_context``, :func:`mergekit_rlvr.kernels.coefficients.description`)."""
+        method's own (``swap_context``, :func:`mergekit_rlvr.kernels.coefficients.description`).
+        ``visit(task, base, vectors)``: called with :meth:`sources`'s result for each
+        planned tensor the pre-pass streams, where the method has an incremental
+        pre-pass (``swap_accumulator``): what the hot swap's driver sizes in the same read.
+        Returns the names visited (none when already prepared)."""
         if self._prepared:
-            return
+            return set()
         group, parameters, dtype = self._group(self.tasks[0])
-        self._context = self._described().swap_context(group, parameters, dtype)
+        method = self._described()
+        accumulator = None if visit is None else method.swap_accumulator(parameters)
+        visited: Set[str] = set()
+        if accumulator is None:
+            self._context = method.swap_context(group, parameters, dtype)
+        else:
+            visited = self._stream(accumulator, group, dtype, visit)
+            self._context = accumulator.finish()
         self._prepared = True
+        return visited
+
+    def _stream(self, accumulator, first, dtype, visit) -> Set[str]:
+        """The pre-pass tensor by tensor (the stream mergekit-yaml's kernels check), each
+        planned tensor of the same dtype also handed to ``visit`` in stored form."""
+        from mergekit.merge_methods.base import TensorGroup
+
+        from mergekit_rlvr.kernels.base import stream_checkpoints
+        from mergekit_rlvr.mergekit_compat import bind_parameters, merge_dtype
+
+        tasks = {t.name: t for t in self.tasks}
+        ids = [e.id for e in first.non_base]
+        visited: Set[str] = set()
+        method = self._described()
+        for name, base, models in stream_checkpoints(first.base.id, ids, dtype, f"{self.method}: pre-pass"):
+            accumulator.add(name, base, models)
+            task = tasks.get(name)
+            if task is None or merge_dtype(task.task) != dtype:
+                continue  # sized by a read of its own
+            group = TensorGroup.from_tensors([base, *models], ids=[first.base.id, *ids], base_index=0, name=name)
+            self._entries(group)
+            vectors, coefficients = method.swap_vectors(group, accumulator.context(),
+                                                        **bind_parameters(task.task, _spec(self.method), group))
+            self._check_weights(task, coefficients)
+            visit(task, base, _stored(vectors))
+            visited.add(name)
+        return visited
 
     def prepared_state(self) -> Optional[bytes]:
         """The pre-pass's small result (dots' per-tensor thresholds and norms; nothing
@@ -178,8 +216,6 @@ class Decomposition:
     def _vectors(self, task: TensorTask, stored: bool, box=None) -> Tuple[Any, List[Any]]:
         """(base, vectors) from the method's ``swap_vectors`` (``stored``) or ``vectors``,
         each coefficient checked against the recipe's one value."""
-        from mergekit_rlvr.methods.common import MaskedVector
-
         self.prepare()
         group, parameters, _dtype = self._group(task, box)
         self._entries(group)
@@ -187,8 +223,7 @@ class Decomposition:
         build = method.swap_vectors if stored else method.vectors
         vectors, coefficients = build(group, self._context, **parameters)
         self._check_weights(task, coefficients)
-        # the kernels' full-shape layout, compacted for storage beside the weights (same bits)
-        return group.base.tensor, [v.compact() if isinstance(v, MaskedVector) else v for v in vectors]
+        return group.base.tensor, _stored(vectors)
 
     def _described(self):
         from mergekit_rlvr.kernels.coefficients import description
@@ -213,6 +248,13 @@ class Decomposition:
                     f"coefficient {name!r} is {value} for tensor {task.name} but {expected} elsewhere;"
                     f" hot-swap needs one value per coefficient ({hint})"
                 )
+
+
+def _stored(vectors) -> List[Any]:
+    """The kernels' full-shape layout, compacted for storage beside the weights (same bits)."""
+    from mergekit_rlvr.methods.common import MaskedVector
+
+    return [v.compact() if isinstance(v, MaskedVector) else v for v in vectors]
 
 
 def _spec(method: str):

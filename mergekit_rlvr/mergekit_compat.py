@@ -70,7 +70,7 @@ def merge_inputs(task, name: str, spec, box: Optional["Box"] = None,
     (``spec.input_parameters``) as ``PerInputValues``, aligned to the method's dtype.
     ``box``: only that part of every input (:func:`read_tensor`; ``tally``: bytes read)."""
     from mergekit.common import dtype_from_name
-    from mergekit.merge_methods.base import ParameterScope, PerInputValues, TensorEntry, TensorGroup, TensorMetadata
+    from mergekit.merge_methods.base import TensorEntry, TensorGroup, TensorMetadata
     from mergekit.merge_methods.dtype import align_dtype, promoted_dtype
 
     try:
@@ -91,13 +91,42 @@ def merge_inputs(task, name: str, spec, box: Optional["Box"] = None,
     group = TensorGroup(entries=entries, metadata=TensorMetadata.from_weight_info(weight))
     if not all(e.tensor.is_floating_point() for e in entries):
         raise UserError(f"tensor {name} is not floating point; hot-swap merges floating tensors only")
-    parameters = dict(task.parameters.items())
-    for parameter in spec.input_parameters:
-        inputs = entries if parameter.scope == ParameterScope.INPUT else group.non_base
-        parameters[parameter.name] = PerInputValues([(e.id, task.input_parameters[e.id][parameter.name])
-                                                     for e in inputs])
     dtype = dtype_from_name(task.dtype) or promoted_dtype(group)
-    return align_dtype(group, dtype), parameters, dtype
+    return align_dtype(group, dtype), bind_parameters(task, spec, group), dtype
+
+
+def bind_parameters(task, spec, group) -> dict:
+    """The parameters ``ExecuteMergeMethodTask.execute`` binds for ``group``'s inputs: the
+    shared ones, and the per-input ones (``spec.input_parameters``) as ``PerInputValues``."""
+    from mergekit.merge_methods.base import ParameterScope, PerInputValues
+
+    parameters = shared_parameters(task)
+    try:
+        for parameter in spec.input_parameters:
+            inputs = group.entries if parameter.scope == ParameterScope.INPUT else group.non_base
+            parameters[parameter.name] = PerInputValues([(e.id, task.input_parameters[e.id][parameter.name])
+                                                         for e in inputs])
+    except AttributeError as error:
+        raise _moved("the merge task's per-input parameters (ExecuteMergeMethodTask.input_parameters)", error) from None
+    return parameters
+
+
+def merge_dtype(task) -> Optional[Any]:
+    """The dtype :func:`merge_inputs` aligns a merge task's inputs to (the task's, else
+    the promotion of its loads' dtypes: the recipe's ``dtype``, else each checkpoint
+    header's), known without reading them; None where a header does not tell."""
+    import torch
+    from mergekit.common import dtype_from_name
+
+    dtype = dtype_from_name(getattr(task, "dtype", None))
+    if dtype is not None:
+        return dtype
+    for load in task.gather_tensors.arguments().values():
+        own = dtype_from_name(load.dtype) if load.dtype else (tensor_info(load) or (None, None))[1]
+        if own is None:
+            return None
+        dtype = own if dtype is None else torch.promote_types(dtype, own)
+    return dtype
 
 
 def shared_parameters(task) -> dict:

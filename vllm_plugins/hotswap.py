@@ -58,16 +58,16 @@ class HotSwapLLM:
 
         data = _with_groups(recipe, groups)
         d = decompose(data, trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
-        d.prepare()  # checks every checkpoint against the base before the engine starts
         values = None if coefficients is None else d.check_coefficients(coefficients)
-        spec = load_spec(data, values, paths=paths, models=d.resolved, offload=offload, prepared=d.prepared_state(),
-                         trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
         from vllm_plugins.memory import _on_cpu, size_engine, start_errors
         from vllm_plugins.plan import swap_bytes
 
-        llm_kwargs.setdefault("model", d.base_path)
-        # what the swap will hold per device, reserved before vLLM sizes its KV cache
+        # the pre-pass (checks every checkpoint against the base before the engine starts)
+        # and what the swap will hold per device, reserved before vLLM sizes its KV cache
         planned = swap_bytes(d, int(llm_kwargs.get("tensor_parallel_size") or 1), progress=True)
+        spec = load_spec(data, values, paths=paths, models=d.resolved, offload=offload, prepared=d.prepared_state(),
+                         trust_remote_code=bool(llm_kwargs.get("trust_remote_code", False)))
+        llm_kwargs.setdefault("model", d.base_path)
         # (offloaded to host memory on a GPU, they take none of the device's)
         reserve = planned["per_rank"] if not offload or _on_cpu() else 0
         llm_kwargs = size_engine(llm_kwargs, llm_kwargs["model"], sequences, settings_prefix, swap_bytes=reserve)

@@ -83,26 +83,44 @@ def swap_bytes(d, tensor_parallel_size: int = 1, progress: bool = False) -> Dict
     rank), a tensor of two or more dimensions split over the ranks (vLLM shards
     linear and embedding weights, and each rank keeps a bitmask of the entries it
     reads), a 1-D one (norms, biases of replicated layers) on each. Returns
-    ``{"per_rank": ..., "total": ..., "weights": ...}`` (bytes; ``total``: one rank
-    holding everything; ``weights``: the merged tensors in the dtype mergekit writes)."""
+    ``{"per_rank": ..., "total": ..., "weights": ..., "sized_in_prepass": ...}``
+    (bytes; ``total``: one rank holding everything; ``weights``: the merged tensors in
+    the dtype mergekit writes; the count of tensors sized in the pre-pass's read).
+
+    Where ``d`` is not prepared yet and its method has an incremental pre-pass (dots
+    with per-tensor top p, task_arithmetic, reasoning_interp), the tensors are sized
+    as the pre-pass streams them: one read of each checkpoint on the driver. The
+    others (sar, ``sparsify: global``, an already prepared ``d``) are read again."""
+    sizes: Dict[str, Tuple[int, int, int, int]] = {}
+
+    def size(task, base, sources) -> None:
+        sizes[task.name] = _sized(task, base, sources)
+
+    d.prepare(visit=size)
+    rest = [t for t in d.tasks if t.name not in sizes]
+    in_prepass = len(d.tasks) - len(rest)
+    if progress and rest:
+        from tqdm import tqdm
+
+        rest = tqdm(rest, desc=f"{d.method}: sizing the swap", leave=False)
+    for task in rest:
+        size(task, *d.sources(task))
+    total = per_rank = weights = 0
+    for held, numel, dims, width in (sizes[t.name] for t in d.tasks):
+        total += held
+        if dims < 2 or tensor_parallel_size <= 1:
+            per_rank += held
+        else:  # this rank's share, and the bitmask of the entries it reads (reload path)
+            per_rank += -(-held // int(tensor_parallel_size)) + -(-numel // 8)
+        weights += numel * width
+    return {"per_rank": per_rank, "total": total, "weights": weights, "sized_in_prepass": in_prepass}
+
+
+def _sized(task, base, sources) -> Tuple[int, int, int, int]:
+    """(packed bytes, entries, dimensions, bytes per entry as mergekit writes it) of one tensor."""
     import torch
 
     from vllm_plugins import packed
 
-    tasks = d.tasks
-    if progress:
-        from tqdm import tqdm
-
-        tasks = tqdm(tasks, desc=f"{d.method}: sizing the swap", leave=False)
-    total = per_rank = weights = 0
-    for task in tasks:
-        base, sources = d.sources(task)
-        held = packed.pack(base, sources).nbytes
-        total += held
-        if base.dim() < 2 or tensor_parallel_size <= 1:
-            per_rank += held
-        else:  # this rank's share, and the bitmask of the entries it reads (reload path)
-            per_rank += -(-held // int(tensor_parallel_size)) + -(-base.numel() // 8)
-        dtype = task.save_dtype or base.dtype
-        weights += base.numel() * torch.empty(0, dtype=dtype).element_size()
-    return {"per_rank": per_rank, "total": total, "weights": weights}
+    dtype = task.save_dtype or base.dtype
+    return packed.pack(base, sources).nbytes, base.numel(), base.dim(), torch.empty(0, dtype=dtype).element_size()

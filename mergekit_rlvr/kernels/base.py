@@ -145,6 +145,19 @@ class Passes:
         return iter(self.factory())
 
 
+class ChecksOnly:
+    """The incremental pre-pass (``swap_accumulator``) of a method whose context is
+    None: the stream's own checks are all its pre-pass does."""
+
+    def add(self, name: str, base: torch.Tensor, models: List[torch.Tensor]) -> None:
+        pass
+
+    def context(self) -> Any:
+        return None
+
+    finish = context
+
+
 class PreparedMergeMethod(GroupMergeMethod):
     """A group method whose ``prepare`` runs once over the whole model first.
 
@@ -184,6 +197,15 @@ class PreparedMergeMethod(GroupMergeMethod):
         """The whole-model pre-pass of a planned recipe (``group``: its first tensor, as
         mergekit's merge task builds it), the context ``vectors`` takes."""
         return self._context([group], [parameters], [dtype])
+
+    def swap_accumulator(self, parameters: Dict[str, Any]) -> Any:
+        """The pre-pass one tensor at a time, for the hot swap's driver: ``add(name, base,
+        models)`` per streamed tensor, ``context()`` after each add already serves
+        ``swap_vectors`` on the tensors added so far with their final supports (only
+        scalars such as dots' gamma still change: what the swap will hold is known),
+        ``finish()`` gives ``swap_context``'s result. The driver then sizes the swap in
+        the pre-pass's own read. None (the default): no such form, a second read sizes it."""
+        return None
 
     def elementwise(self, context: Any, parameters: Dict[str, Any]) -> bool:
         """Whether ``swap_vectors`` on the same part of every input (a box of rows and

@@ -8,11 +8,12 @@ import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethodSpec
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec, TensorGroup
 
-from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked, choice, label
+from mergekit_rlvr.kernels.base import ChecksOnly, PreparedMergeMethod, checked, choice, label
 from mergekit_rlvr.methods.common import MaskedVector, RecomputedVector, task_vector
 from mergekit_rlvr.methods.dots import (
     DEFAULT_DENSITY,
     RESCALE_MODES,
+    DotsStats,
     SPARSIFY_MODES,
     check_density,
     check_rescale,
@@ -68,6 +69,19 @@ class DotsMerge(PreparedMergeMethod):
             return None
         return dots_stats(triples, densities)
 
+    def swap_accumulator(self, parameters):
+        """Per-tensor top p: the thresholds and norms tensor by tensor (``DotsStats.add``);
+        with rescale none or tensor the context is None. ``sparsify: global``: None (its
+        thresholds need the whole model first)."""
+        rescale = check_rescale(parameters["rescale"])
+        ids = list(parameters["density"])
+        densities = self._densities(ids, parameters["density"])
+        for i in ids:
+            parameters["weight"][i]  # a missing weight fails before any tensor is read
+        if check_sparsify(parameters.get("sparsify", "tensor")) == "global":
+            return None
+        return _Accumulator(densities) if rescale == "global" else ChecksOnly()
+
     def vectors(self, group: TensorGroup, context, *, weight, density, rescale, sparsify="tensor"):
         base = group.base.tensor
         name = group.metadata.name or ""
@@ -96,6 +110,20 @@ class DotsMerge(PreparedMergeMethod):
 
 
 dots_merge = DotsMerge()
+
+
+class _Accumulator:
+    def __init__(self, densities):
+        self.densities = list(densities)
+        self.stats = DotsStats.empty(len(self.densities))
+
+    def add(self, name, base, models) -> None:
+        self.stats.add(name, base, models, self.densities)
+
+    def context(self) -> DotsStats:
+        return self.stats
+
+    finish = context
 
 
 def _stored(group: TensorGroup, context, vectors, rescale: str) -> list:

@@ -6,7 +6,7 @@ import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethodSpec
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec, TensorGroup
 
-from mergekit_rlvr.kernels.base import PreparedMergeMethod, checked
+from mergekit_rlvr.kernels.base import ChecksOnly, PreparedMergeMethod, checked
 from mergekit_rlvr.methods.common import RecomputedVector
 from mergekit_rlvr.methods.reasoning_interp import DEFAULT_ALPHA, check_alpha, interp_vector
 
@@ -26,6 +26,10 @@ class ReasoningInterpMerge(PreparedMergeMethod):
     def prepare(self, triples, parameters):
         check_alpha(parameters["alpha"])
         return super().prepare(triples, parameters)
+
+    def swap_accumulator(self, parameters):
+        check_alpha(parameters["alpha"])
+        return ChecksOnly()
 
     def vectors(self, group: TensorGroup, context, *, alpha):
         (sft,) = group.non_base

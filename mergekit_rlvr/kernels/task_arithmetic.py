@@ -30,6 +30,11 @@ class TaskArithmetic:
             pass
         return None
 
+    def swap_accumulator(self, parameters: Dict[str, Any]):
+        from mergekit_rlvr.kernels.base import ChecksOnly
+
+        return ChecksOnly()  # its pre-pass only checks the inputs, as the stream does
+
     def elementwise(self, context, parameters) -> bool:
         return True  # lambda * tau_j entry by entry
 

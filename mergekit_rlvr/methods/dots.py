@@ -144,6 +144,21 @@ class DotsStats:
             return self.global_thresholds[index]
         return self.thresholds[index].get(name)
 
+    @classmethod
+    def empty(cls, count: int) -> "DotsStats":
+        return cls([{} for _ in range(count)], [0.0] * count, [0.0] * count)
+
+    def add(self, name: str, base: torch.Tensor, models: Sequence[torch.Tensor], densities: Sequence[float]) -> None:
+        """One tensor of the pre-pass: its thresholds, and its terms of the norms."""
+        for i, (model, density) in enumerate(zip(models, densities)):
+            tau = task_vector(model, base)
+            threshold = magnitude_threshold(tau, density)
+            full, part = squared_norms(tau, keep_mask(tau, threshold))
+            self.thresholds[i][name] = threshold
+            self.full_sq[i] += full
+            self.kept_sq[i] += part
+            del tau
+
 
 def dots_stats(
     tensors: Iterable[Tuple[str, torch.Tensor, Sequence[torch.Tensor]]],
@@ -151,17 +166,9 @@ def dots_stats(
 ) -> DotsStats:
     """Streaming pre-pass over (name, base, [model_i]) triples, one tensor at a time,
     so memory is bounded by the largest tensor, not the model."""
-    count = len(densities)
-    stats = DotsStats([{} for _ in range(count)], [0.0] * count, [0.0] * count)
+    stats = DotsStats.empty(len(densities))
     for name, base, models in tensors:
-        for i, (model, density) in enumerate(zip(models, densities)):
-            tau = task_vector(model, base)
-            threshold = magnitude_threshold(tau, density)
-            full, part = squared_norms(tau, keep_mask(tau, threshold))
-            stats.thresholds[i][name] = threshold
-            stats.full_sq[i] += full
-            stats.kept_sq[i] += part
-            del tau
+        stats.add(name, base, models, densities)
     return stats
 
 
