@@ -62,6 +62,9 @@ class StateReply(TypedDict, total=False):
     load_seconds: float
     rank: int
     offload: bool
+    # what loading read of the checkpoints (vllm_plugins.parts.Parts.reads): bytes, whole
+    # (the same reads of whole tensors), boxed (tensors read in part), tensors, prepass
+    reads: Dict[str, Any]
     set: SetReply  # hotswap_load's reply only: the first swap
 
 

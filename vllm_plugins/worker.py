@@ -7,10 +7,11 @@ Pass ``worker_extension_cls="vllm_plugins.worker.HotSwapWorkerExtension"`` to
 - ``hotswap_load(spec)``: ``spec`` an :class:`vllm_plugins.rpc.LoadRequest` (the
   recipe with absolute model paths, coefficients or None, ``paths`` "auto" |
   "reload", ``offload``, the driver's pre-pass ``prepared``). Computes the vectors on
-  this worker (mergekit_rlvr.decompose), maps them to this worker's tensor-parallel
+  this worker (mergekit_rlvr.decompose) from the part of each checkpoint tensor its
+  shard needs (:mod:`vllm_plugins.parts`), maps them to this worker's tensor-parallel
   shard and fused layout, keeps them packed, and applies the coefficients.
 - ``hotswap_set(coefficients)``: list in coefficient-name order.
-- ``hotswap_state()``: method, names, coefficients, version, bytes, paths.
+- ``hotswap_state()``: method, names, coefficients, version, bytes, paths, reads.
 - ``hotswap_read(names)``: copies of live parameters (plain ones) for checks.
 
 Two paths, chosen per vLLM module and reported per parameter:
