@@ -104,11 +104,11 @@ class Decomposition:
         return visited
 
     def prepared_state(self) -> Optional[bytes]:
-        """The pre-pass's small result (dots' per-tensor thresholds and norms; nothing
-        for methods whose pre-pass only checks inputs), so that other processes
-        (vLLM's workers) skip reading every checkpoint again; None where the method's
-        context cannot be pickled (``picklable_context``: sar's Fisher stores are
-        files each process opens itself)."""
+        """The pre-pass's small result (dots' per-tensor thresholds and norms; sar's
+        Fisher stores, pickled as their paths; nothing for methods whose pre-pass only
+        checks inputs), so that other processes (vLLM's workers) skip reading every
+        checkpoint again; None where the method's context cannot be pickled
+        (``picklable_context`` False)."""
         import pickle
 
         self.prepare()

@@ -87,10 +87,11 @@ def swap_bytes(d, tensor_parallel_size: int = 1, progress: bool = False) -> Dict
     (bytes; ``total``: one rank holding everything; ``weights``: the merged tensors in
     the dtype mergekit writes; the count of tensors sized in the pre-pass's read).
 
-    Where ``d`` is not prepared yet and its method has an incremental pre-pass (dots
-    with per-tensor top p, task_arithmetic, reasoning_interp), the tensors are sized
-    as the pre-pass streams them: one read of each checkpoint on the driver. The
-    others (sar, ``sparsify: global``, an already prepared ``d``) are read again."""
+    Where ``d`` is not prepared yet and its method has an incremental pre-pass
+    (``swap_accumulator``: every method but dots with ``sparsify: global``), the
+    tensors are sized as the pre-pass streams them: one read of each checkpoint on
+    the driver. Otherwise (``sparsify: global``, an already prepared ``d``) they are
+    read again."""
     sizes: Dict[str, Tuple[int, int, int, int]] = {}
 
     def size(task, base, sources) -> None:

@@ -110,6 +110,11 @@ class FisherStore:
     def names(self) -> Iterable[str]:
         return self._where.keys()
 
+    def __reduce__(self):
+        """Pickled as its path: another process (a vLLM worker adopting the driver's
+        pre-pass) opens the same file through its own cache."""
+        return fisher_store, (os.path.abspath(self.path),)
+
     def get(self, name: str, shape: Optional[torch.Size] = None) -> torch.Tensor:
         """The Fisher values of one tensor as float64, checked against ``shape``."""
         if name not in self._where:

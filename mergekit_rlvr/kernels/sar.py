@@ -25,8 +25,8 @@ LOG = logging.getLogger(__name__)
 class SarMerge(PreparedMergeMethod):
     #: the parameter a hot-swap coefficient sets (mergekit_rlvr.kernels.coefficients)
     coefficient = "scale"
-    #: the context is the Fisher stores, open files each process opens itself
-    picklable_context = False
+    #: the context is the Fisher stores: they pickle as their paths and each process
+    #: reopens them (mergekit_rlvr.io.fisher.FisherStore), so vLLM's workers adopt it
     spec = MergeMethodSpec(
         name="sar",
         pretty_name="SAR-Merging (Fisher-arbitrated conflicts, DARE on the low private half)",
@@ -50,6 +50,17 @@ class SarMerge(PreparedMergeMethod):
         return tuple(fisher[i] for i in fisher)
 
     def prepare(self, triples, parameters):
+        checks = _Checks(self._stores(parameters))
+        for name, base, models in triples:
+            checks.add(name, base, models)
+        return checks.finish()
+
+    def swap_accumulator(self, parameters):
+        """The Fisher stores are known before any tensor; each streamed tensor is
+        checked against them."""
+        return _Checks(self._stores(parameters))
+
+    def _stores(self, parameters):
         check_drop_rate(parameters["drop_rate"])
         check_epsilon(parameters["epsilon"])
         fisher = parameters["fisher"]
@@ -60,10 +71,6 @@ class SarMerge(PreparedMergeMethod):
                 "sar: no fisher file for %s; conflicts go to the larger |delta| (magnitude criterion)",
                 missing,
             )
-        for name, base, _models in triples:
-            for store in stores.values():
-                if store is not None:
-                    store.get(name, base.shape)  # names and shapes match the model
         return stores
 
     def vectors(self, group: TensorGroup, stores, *, fisher, drop_rate, scale, seed, epsilon, rescale=True):
@@ -88,3 +95,20 @@ class SarMerge(PreparedMergeMethod):
 
 
 sar_merge = SarMerge()
+
+
+class _Checks:
+    """sar's pre-pass: every tensor's Fisher values exist with the model's shape."""
+
+    def __init__(self, stores):
+        self.stores = stores
+
+    def add(self, name, base, models) -> None:
+        for store in self.stores.values():
+            if store is not None:
+                store.get(name, base.shape)  # names and shapes match the model
+
+    def context(self):
+        return self.stores
+
+    finish = context

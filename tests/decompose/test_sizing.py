@@ -9,7 +9,7 @@ import pytest
 
 from support.recipes import dots, table
 
-ONE_READ = ("dots", "reasoning_interp", "task_arithmetic", "dots_rescale_tensor", "dots_rescale_none")
+ONE_READ = ("dots", "sar", "reasoning_interp", "task_arithmetic", "dots_rescale_tensor", "dots_rescale_none")
 
 
 def _recipes(family):
@@ -40,7 +40,7 @@ def test_sizing_in_the_prepass_equals_sizing_by_a_second_read(tiny_family, case)
         # besides the pre-pass's stream, only the first tensor's group (its parameters) was read
         shape, dtype = fused.base_info(fused.tasks[0])
         assert fused.read_bytes[1] == (1 + len(fused.models)) * _numel(shape) * dtype.itemsize
-    else:  # sar's Fisher stores, dots' global quantile: the whole model first, then a second read
+    else:  # dots' global quantile: the whole model first, then a second read
         assert got["sized_in_prepass"] == 0
     # the context is the method's own: the vectors it serves are the separately prepared ones
     task = fused.tasks[-1]

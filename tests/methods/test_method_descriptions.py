@@ -78,7 +78,7 @@ def test_every_method_answers_the_whole_interface():
         for name in ("swap_context", "vectors", "swap_vectors"):
             assert callable(getattr(described, name)), (method, name)
     assert {m: description(m).picklable_context for m in hot_swappable()} == {
-        "dots": True, "sar": False, "reasoning_interp": True, "task_arithmetic": True}
+        "dots": True, "sar": True, "reasoning_interp": True, "task_arithmetic": True}
 
 
 def test_source_models_form_comes_from_the_method():
