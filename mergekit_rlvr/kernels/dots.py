@@ -19,7 +19,6 @@ from mergekit_rlvr.methods.dots import (
     check_rescale,
     check_sparsify,
     dots_masked_vector,
-    dots_stats,
     gamma_from_norms,
     squared_norms,
 )
@@ -56,31 +55,31 @@ class DotsMerge(PreparedMergeMethod):
                 tuple(float(density[i]) for i in density))
 
     def prepare(self, triples, parameters):
-        rescale = check_rescale(parameters["rescale"])
-        ids = list(parameters["density"])
-        densities = self._densities(ids, parameters["density"])
-        for i in ids:
-            parameters["weight"][i]  # a missing weight fails before any tensor is read
-        if check_sparsify(parameters.get("sparsify", "tensor")) == "global":
-            return dots_global_stats(triples, densities)
-        if rescale != "global":
-            for _ in triples:  # still check every input before writing anything
-                pass
-            return None
-        return dots_stats(triples, densities)
+        accumulator = self.swap_accumulator(parameters)
+        if accumulator is None:  # sparsify: global
+            return dots_global_stats(triples, self._checked(parameters))
+        for name, base, models in triples:  # every input checked before anything is written
+            accumulator.add(name, base, models)
+        return accumulator.finish()
 
     def swap_accumulator(self, parameters):
         """Per-tensor top p: the thresholds and norms tensor by tensor (``DotsStats.add``);
         with rescale none or tensor the context is None. ``sparsify: global``: None (its
         thresholds need the whole model first)."""
-        rescale = check_rescale(parameters["rescale"])
+        densities = self._checked(parameters)
+        if check_sparsify(parameters.get("sparsify", "tensor")) == "global":
+            return None
+        return _Accumulator(densities) if check_rescale(parameters["rescale"]) == "global" else ChecksOnly()
+
+    def _checked(self, parameters) -> list:
+        """The densities, after checking rescale and that every model has a weight (before
+        any tensor is read)."""
+        check_rescale(parameters["rescale"])
         ids = list(parameters["density"])
         densities = self._densities(ids, parameters["density"])
         for i in ids:
-            parameters["weight"][i]  # a missing weight fails before any tensor is read
-        if check_sparsify(parameters.get("sparsify", "tensor")) == "global":
-            return None
-        return _Accumulator(densities) if rescale == "global" else ChecksOnly()
+            parameters["weight"][i]
+        return densities
 
     def vectors(self, group: TensorGroup, context, *, weight, density, rescale, sparsify="tensor"):
         base = group.base.tensor
