@@ -43,8 +43,7 @@ class InPlace:
         store = self.store
         if store.base.device != self.param.device:  # host offload: streamed to the device for this swap
             store = store.to(self.param.device)
-        merged = packed.combine_packed(store, [values[i] for i in self.slots])
-        packed.scatter(store, _save(merged, self.save_dtype), self.param.data)
+        packed.apply(store, [values[i] for i in self.slots], self.param.data, via=self.save_dtype)
 
 
 @dataclass
@@ -64,12 +63,11 @@ class Reload:
         device = self.store.base.device
         full = _save(self.read_base().to(device=device, dtype=self.store.dtype), self.save_dtype)
         full = full.clone(memory_format=torch.contiguous_format)
-        merged = _save(packed.combine_packed(self.store, [values[i] for i in self.slots]), self.save_dtype)
+        coefficients = [values[i] for i in self.slots]
         if self.cover is None:
-            return packed.scatter(self.store, merged, full)
+            return packed.apply(self.store, coefficients, full, via=self.save_dtype)
         mine = packed.unpack_bits(self.cover, full.numel())
-        part = full.view(-1)[mine]
-        full.view(-1)[mine] = packed.scatter(self.store, merged, part)
+        full.view(-1)[mine] = packed.apply(self.store, coefficients, full.view(-1)[mine], via=self.save_dtype)
         return full
 
 

@@ -114,9 +114,11 @@ def test_sar_and_interpolation_on_a_device_equal_the_cpu(device, fisher):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_cpu_swap_kernel_writes_combines_bits(dtype, monkeypatch):
-    """vllm_plugins.cpu_kernel (the C loop the CPU swap runs) against combine and
-    against torch's index ops, on every vector kind: signed zeros, subnormals, ties,
-    an empty support, several blocks and a length that is no multiple of 8."""
+    """vllm_plugins.cpu_kernel (the C loop the CPU swap runs: its AVX2 part and its
+    portable one) against combine and against torch's index ops, on every vector kind:
+    signed zeros, subnormals, ties, an empty support, several blocks and a length that
+    is no multiple of 8; the swap in place (packed.apply) writes the touched entries
+    only, cast to the live tensor's dtype as mergekit's saved dtype would be."""
     from mergekit_rlvr.methods.common import RecomputedVector
     from vllm_plugins import cpu_kernel, packed
 
@@ -145,13 +147,17 @@ def test_cpu_swap_kernel_writes_combines_bits(dtype, monkeypatch):
         for coefficients in ([0.7, 1.3, 2.0, -0.5, 1.0, 0.3], [0.0] * 6, [-1.0, 3.0, 0.1, 1e-8, 7.0, -2.0], [3e38, 1e-45] * 3):
             c = coefficients[: len(vs)]
             want = combine(base, vs, c, out_dtype=dtype)
-            got = {}
-            for mode in ("1", "0"):
+            touched = torch.ones(n, dtype=torch.bool) if store.touched is None else store.touched_mask()
+            for mode in ("1", "portable", "0"):
                 monkeypatch.setenv("MERGEKIT_RLVR_SWAP_KERNEL", mode)
-                assert cpu_kernel.wanted(store.base, store.count) == (mode == "1")
-                got[mode] = packed.merge_dense(store, c, base)
-            same_bits(got["1"], want)
-            same_bits(got["0"], want)
+                assert cpu_kernel.wanted(store.base, store.count) == (mode != "0")
+                same_bits(packed.merge_dense(store, c, base), want)
+                same_bits(packed.combine_packed(store, c), want[touched])
+                for via, live in ((None, dtype), (dtype, torch.bfloat16), (torch.float16, torch.float32)):
+                    out = torch.randn(n, generator=g, dtype=torch.float64).to(live)  # untouched: left as they are
+                    expect = out.clone()
+                    expect[touched] = (want if via is None else want.to(via)).to(live)[touched]
+                    same_bits(packed.apply(store, c, out, via=via), expect)
 
 
 @pytest.mark.cuda
