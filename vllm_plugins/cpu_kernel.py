@@ -113,8 +113,8 @@ def _portable() -> int:
 
 
 def _threads(count: int) -> int:
-    """How many threads share one tensor: torch's intra-op count, one per 2^18 entries at most."""
-    return max(1, min(torch.get_num_threads(), count >> 18))
+    """How many threads share one tensor: torch's intra-op count, one per 2^16 entries at most."""
+    return max(1, min(torch.get_num_threads(), count >> 16))
 
 
 def _run(fn, blocks: int, threads: int, *args) -> None:
@@ -126,13 +126,14 @@ def _run(fn, blocks: int, threads: int, *args) -> None:
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    if _lib.get("pool_size", 0) < threads:
+    if _lib.get("pool_size", 0) < threads - 1:
         if _lib.get("pool") is not None:
             _lib["pool"].shutdown(wait=False)
-        _lib["pool"] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hot-swap")
-        _lib["pool_size"] = threads
+        _lib["pool"] = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="hot-swap")
+        _lib["pool_size"] = threads - 1
     edges = [blocks * i // threads for i in range(threads + 1)]
-    futures = [_lib["pool"].submit(fn, *args, ctypes.c_int64(a), ctypes.c_int64(b)) for a, b in zip(edges, edges[1:])]
+    futures = [_lib["pool"].submit(fn, *args, ctypes.c_int64(a), ctypes.c_int64(b)) for a, b in zip(edges[1:], edges[2:])]
+    fn(*args, ctypes.c_int64(0), ctypes.c_int64(edges[1]))  # the first part here
     for future in futures:
         future.result()
 

@@ -245,6 +245,8 @@ def apply(p: Packed, coefficients: Sequence[float], out: torch.Tensor,
     entries are left as they are. On CPU one pass of the C loop (no merged buffer)."""
     _check(p, coefficients)
     flat = out.view(-1)
+    if not p.count:  # no vector changes any entry
+        return out
     if cpu_kernel.wanted(flat, p.count) and cpu_kernel.fused(p.dtype, via, flat.dtype):
         cpu_kernel.apply(p, coefficients, flat)
         return out

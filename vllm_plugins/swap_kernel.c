@@ -183,39 +183,63 @@ static inline void store8(void *out, int dt, int64_t at, __m256 a) {
  * tensors (every load of 8 in bounds: the caller checks) and written to dst[d0...] in
  * the output dtype: per vector, 8 entries at a time, the next values moved into their
  * lanes (a permute chosen by the bitmask byte), the term computed and kept by the bits.
- * Lanes past m (the last 8) are computed and not used. */
-static void entries_avx2(const struct task *t, int64_t blk, int64_t c0, int m, void *dst, int64_t d0) {
-    int64_t at[t->nvec], nb = (t->count + 7) / 8;
-    for (int j = 0; j < t->nvec; j++) at[j] = t->bits[j] ? t->starts[j][blk] : c0;
+ * Lanes past m (the last 8) are computed and not used. NVEC is a constant where it is
+ * inlined (1 to MAXVEC vectors: everything per vector in registers). */
+#define MAXVEC 4
+static inline __attribute__((always_inline)) void entries_avx2_n(const struct task *t, int64_t blk, int64_t c0,
+                                                                  int m, void *dst, int64_t d0, const int NVEC) {
+    int64_t at[MAXVEC], nb = (t->count + 7) / 8;
+    const uint8_t *bits[MAXVEC];
+    const void *values[MAXVEC];
+    int vdt[MAXVEC], re[MAXVEC], sc[MAXVEC];
+    __m256 s[MAXVEC], c[MAXVEC];
+    for (int j = 0; j < NVEC; j++) {
+        bits[j] = t->bits[j], values[j] = t->values[j], vdt[j] = t->vdt[j];
+        re[j] = t->recompute[j], sc[j] = t->has_scale[j];
+        s[j] = _mm256_set1_ps((float)t->scale[j]), c[j] = _mm256_set1_ps((float)t->coef[j]);
+        at[j] = bits[j] ? t->starts[j][blk] : c0;
+    }
+    const void *base = t->base;
+    int bdt = t->bdt, odt = t->odt;
     for (int k = 0; k < m; k += 8) {
-        int64_t c = c0 + k;
-        __m256 b = load8(t->base, t->bdt, c), a = b;
-        for (int j = 0; j < t->nvec; j++) {
+        int64_t e = c0 + k;
+        __m256 b = load8(base, bdt, e), a = b;
+        for (int j = 0; j < NVEC; j++) {
             __m256 v;
             unsigned byte = 0xFF;
-            if (t->bits[j]) {
-                byte = bits8(t->bits[j], nb, c);
-                v = _mm256_permutevar8x32_ps(load8(t->values[j], t->vdt[j], at[j]),
+            if (bits[j]) {
+                byte = bits8(bits[j], nb, e);
+                v = _mm256_permutevar8x32_ps(load8(values[j], vdt[j], at[j]),
                                              _mm256_load_si256((const __m256i *)PERM[byte]));
                 at[j] += __builtin_popcount(byte);
             } else {
-                v = load8(t->values[j], t->vdt[j], c);
+                v = load8(values[j], vdt[j], e);
             }
-            if (t->recompute[j]) {
+            if (re[j]) {
                 v = _mm256_sub_ps(v, b);
-                if (t->has_scale[j]) v = _mm256_mul_ps(v, _mm256_set1_ps((float)t->scale[j]));
+                if (sc[j]) v = _mm256_mul_ps(v, s[j]);
             }
-            v = _mm256_add_ps(a, _mm256_mul_ps(v, _mm256_set1_ps((float)t->coef[j])));
+            v = _mm256_add_ps(a, _mm256_mul_ps(v, c[j]));
             a = byte == 0xFF ? v : _mm256_blendv_ps(a, v, _mm256_castsi256_ps(lanes(byte)));
         }
-        store8(dst, t->odt, d0 + k, a);
+        store8(dst, odt, d0 + k, a);
+    }
+}
+
+static void entries_avx2(const struct task *t, int64_t blk, int64_t c0, int m, void *dst, int64_t d0) {
+    switch (t->nvec) {
+    case 0: entries_avx2_n(t, blk, c0, m, dst, d0, 0); break;
+    case 1: entries_avx2_n(t, blk, c0, m, dst, d0, 1); break;
+    case 2: entries_avx2_n(t, blk, c0, m, dst, d0, 2); break;
+    case 3: entries_avx2_n(t, blk, c0, m, dst, d0, 3); break;
+    case 4: entries_avx2_n(t, blk, c0, m, dst, d0, 4); break;
     }
 }
 
 /* whether entries_avx2 may do [c0, c0 + m) of block blk */
 static int avx2_ok(const struct task *t, int64_t blk, int64_t c0, int m) {
     int64_t end = c0 + (m + 7) / 8 * 8;
-    if (t->portable || t->work64 || !VEC_DTYPE(t->bdt) || !VEC_DTYPE(t->odt) || end > t->count) return 0;
+    if (t->portable || t->work64 || t->nvec > MAXVEC || !VEC_DTYPE(t->bdt) || !VEC_DTYPE(t->odt) || end > t->count) return 0;
     if (!t->touched && m % 8) return 0;
     for (int j = 0; j < t->nvec; j++) {
         if (!VEC_DTYPE(t->vdt[j])) return 0;
