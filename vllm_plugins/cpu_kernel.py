@@ -169,27 +169,42 @@ class _Prepared:
         self.task = _Task(_ptr(p.touched), _ptr(p.starts), _ptr(p.base), None, *addresses, p.numel, p.count,
                           _DTYPES[p.base.dtype], _DTYPES[out_dtype], int(p.dtype == torch.float64), portable,
                           len(vectors))
-        self.blocks, self.threads = (p.numel + BLOCK - 1) // BLOCK, _threads(p.count)
+        self.blocks, self.count = (p.numel + BLOCK - 1) // BLOCK, p.count
+        self.call, self.ref = _library().swap_apply, ctypes.byref(self.task)
+        self.first, self.last = ctypes.c_int64(0), ctypes.c_int64(self.blocks)
 
     def run(self, coefficients: Sequence[float], flat: torch.Tensor) -> None:
         for k, j in enumerate(self.slots):
             self.coef[k] = float(coefficients[j])
         self.task.out = flat.data_ptr()
-        _run(_library().swap_apply, self.blocks, self.threads, ctypes.byref(self.task))
+        threads = _threads(self.count)
+        if threads == 1:
+            self.call(self.ref, self.first, self.last)
+        else:
+            _run(self.call, self.blocks, threads, self.ref)
 
 
-def apply(p, coefficients: Sequence[float], flat: torch.Tensor) -> None:
-    """``packed.apply(p, coefficients, flat)`` (``flat``: 1-D, contiguous, ``p.numel``
-    entries; :func:`fused` of its dtypes), bit for bit; the arguments are kept on ``p``."""
-    key = (flat.dtype, _portable())
-    if key not in p.kernel:
-        tensors = [p.touched, p.starts, p.base] + [t for v in p.vectors for t in (v.bits, v.starts, v.values)]
-        if not all(t is None or t.is_contiguous() for t in tensors):
-            raise ValueError("cpu_kernel.apply: packed tensors must be contiguous")
-        if any(v.bits is not None and v.starts is None for v in p.vectors) or (p.touched is None) != (p.starts is None):
-            raise ValueError("cpu_kernel.apply: packed storage without block starts (build it with packed.pack)")
-        p.kernel[key] = _Prepared(p, *key)
-    p.kernel[key].run(coefficients, flat)
+def apply(p, coefficients: Sequence[float], flat: torch.Tensor, via: Optional[torch.dtype] = None) -> bool:
+    """``packed.apply(p, coefficients, flat, via)`` (``flat``: 1-D, contiguous,
+    ``p.numel`` entries), bit for bit, where this kernel does it (a CPU tensor, the
+    library built, :func:`fused` dtypes): whether it did. Its arguments are kept on ``p``
+    (built at the first swap; a swap then costs one ctypes call)."""
+    mode = os.environ.get("MERGEKIT_RLVR_SWAP_KERNEL", "auto")
+    key = (flat.dtype, via, mode)
+    prepared = p.kernel.get(key)
+    if prepared is None:
+        if mode == "0" or flat.device.type != "cpu" or not fused(p.dtype, via, flat.dtype) or _library() is None:
+            prepared = p.kernel[key] = False
+        else:
+            tensors = [p.touched, p.starts, p.base] + [t for v in p.vectors for t in (v.bits, v.starts, v.values)]
+            if not all(t is None or (t.is_contiguous() and t.device.type == "cpu") for t in tensors):
+                raise ValueError("cpu_kernel.apply: packed tensors must be contiguous CPU tensors")
+            if any(v.bits is not None and v.starts is None for v in p.vectors) or (p.touched is None) != (p.starts is None):
+                raise ValueError("cpu_kernel.apply: packed storage without block starts (build it with packed.pack)")
+            prepared = p.kernel[key] = _Prepared(p, flat.dtype, int(mode == "portable"))
+    if prepared:
+        prepared.run(coefficients, flat)
+    return bool(prepared)
 
 
 def combine(p, coefficients: Sequence[float]) -> torch.Tensor:

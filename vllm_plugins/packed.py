@@ -247,8 +247,7 @@ def apply(p: Packed, coefficients: Sequence[float], out: torch.Tensor,
     flat = out.view(-1)
     if not p.count:  # no vector changes any entry
         return out
-    if cpu_kernel.wanted(flat, p.count) and cpu_kernel.fused(p.dtype, via, flat.dtype):
-        cpu_kernel.apply(p, coefficients, flat)
+    if cpu_kernel.apply(p, coefficients, flat, via):
         return out
     merged = combine_packed(p, coefficients)
     scatter(p, merged if via is None else merged.to(via), flat)
