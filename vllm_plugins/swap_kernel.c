@@ -128,20 +128,21 @@ static void store(void *out, int dt, int64_t at, const double *a64, const float 
 }
 
 #ifdef __AVX2__
-/* per byte value: lane k takes the (set bits below k)-th of 8 consecutive values */
-static int32_t PERM[256][8] __attribute__((aligned(32)));
+/* per byte value: lane k takes the (set bits below k)-th of 8 consecutive values (PERM:
+ * 32-bit lanes; SHUF16: the bytes of 16-bit lanes); lane k's bit (MASK, MASK16) */
+static int32_t PERM[256][8] __attribute__((aligned(32))), MASK[256][8] __attribute__((aligned(32)));
+static uint8_t SHUF16[256][16] __attribute__((aligned(16))), MASK16[256][16] __attribute__((aligned(16)));
 
 static void tables(void) {
     for (int b = 0; b < 256; b++)
         for (int k = 0, r = 0; k < 8; k++) {
+            int on = (b >> k) & 1;
             PERM[b][k] = r < 8 ? r : 7;
-            r += (b >> k) & 1;
+            MASK[b][k] = on ? -1 : 0;
+            SHUF16[b][2 * k] = on ? 2 * r : 0x80, SHUF16[b][2 * k + 1] = on ? 2 * r + 1 : 0x80;
+            MASK16[b][2 * k] = MASK16[b][2 * k + 1] = on ? 0xFF : 0;
+            r += on;
         }
-}
-
-/* lane k's sign bit: bit k of byte (what blendv reads) */
-static inline __m256i lanes(unsigned byte) {
-    return _mm256_sllv_epi32(_mm256_set1_epi32((int)byte), _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24));
 }
 
 /* 8 consecutive entries of src (dtype dt) from index at, widened to float32 */
@@ -188,7 +189,7 @@ static inline void store8(void *out, int dt, int64_t at, __m256 a) {
 #define MAXVEC 4
 static inline __attribute__((always_inline)) void entries_avx2_n(const struct task *t, int64_t blk, int64_t c0,
                                                                   int m, void *dst, int64_t d0, const int NVEC) {
-    int64_t at[MAXVEC], nb = (t->count + 7) / 8;
+    int64_t at[MAXVEC];
     const uint8_t *bits[MAXVEC];
     const void *values[MAXVEC];
     int vdt[MAXVEC], re[MAXVEC], sc[MAXVEC];
@@ -206,9 +207,11 @@ static inline __attribute__((always_inline)) void entries_avx2_n(const struct ta
         __m256 b = load8(base, bdt, e), a = b;
         for (int j = 0; j < NVEC; j++) {
             __m256 v;
-            unsigned byte = 0xFF;
+            unsigned byte = 0;
             if (bits[j]) {
-                byte = bits8(bits[j], nb, e);
+                uint16_t two; /* (in bounds: avx2_ok) */
+                memcpy(&two, bits[j] + (e >> 3), 2);
+                byte = (two >> (e & 7)) & 0xFF;
                 v = _mm256_permutevar8x32_ps(load8(values[j], vdt[j], at[j]),
                                              _mm256_load_si256((const __m256i *)PERM[byte]));
                 at[j] += __builtin_popcount(byte);
@@ -220,7 +223,7 @@ static inline __attribute__((always_inline)) void entries_avx2_n(const struct ta
                 if (sc[j]) v = _mm256_mul_ps(v, s[j]);
             }
             v = _mm256_add_ps(a, _mm256_mul_ps(v, c[j]));
-            a = byte == 0xFF ? v : _mm256_blendv_ps(a, v, _mm256_castsi256_ps(lanes(byte)));
+            a = bits[j] ? _mm256_blendv_ps(a, v, _mm256_load_ps((const float *)MASK[byte])) : v;
         }
         store8(dst, odt, d0 + k, a);
     }
@@ -244,6 +247,7 @@ static int avx2_ok(const struct task *t, int64_t blk, int64_t c0, int m) {
     for (int j = 0; j < t->nvec; j++) {
         if (!VEC_DTYPE(t->vdt[j])) return 0;
         if ((t->bits[j] ? t->starts[j][blk + 1] + 8 : end) > t->nvalues[j]) return 0;
+        if (t->bits[j] && (end >> 3) >= (t->count + 7) / 8) return 0; /* two bytes of bits read at a time */
     }
     return 1;
 }
@@ -306,20 +310,17 @@ static void scatter_block(const uint8_t *touched, int64_t lo, int n, int m, cons
         for (int i = 0; i < n; i += 8) { /* the next 8 merged values moved into their lanes */
             unsigned byte = touched[(lo + i) / 8];
             if (!byte) continue;
-            __m256i perm = _mm256_load_si256((const __m256i *)PERM[byte]);
-            __m256 keep = _mm256_castsi256_ps(lanes(byte));
             if (elsize == 2) {
                 uint16_t *o = (uint16_t *)out + lo + i;
-                __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)merged + at)));
-                __m256i y = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)o));
-                y = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(y),
-                                                         _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(x, perm)), keep));
-                y = _mm256_permute4x64_epi64(_mm256_packus_epi32(y, y), 0x08);
-                _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(y));
+                __m128i x = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)((const uint16_t *)merged + at)),
+                                             _mm_load_si128((const __m128i *)SHUF16[byte]));
+                _mm_storeu_si128((__m128i *)o, _mm_blendv_epi8(_mm_loadu_si128((const __m128i *)o), x,
+                                                               _mm_load_si128((const __m128i *)MASK16[byte])));
             } else {
                 float *o = (float *)out + lo + i;
-                __m256 x = _mm256_loadu_ps((const float *)merged + at);
-                _mm256_storeu_ps(o, _mm256_blendv_ps(_mm256_loadu_ps(o), _mm256_permutevar8x32_ps(x, perm), keep));
+                __m256 x = _mm256_permutevar8x32_ps(_mm256_loadu_ps((const float *)merged + at),
+                                                    _mm256_load_si256((const __m256i *)PERM[byte]));
+                _mm256_storeu_ps(o, _mm256_blendv_ps(_mm256_loadu_ps(o), x, _mm256_load_ps((const float *)MASK[byte])));
             }
             at += __builtin_popcount(byte);
         }
