@@ -81,8 +81,8 @@ def bytes_part(family) -> dict:
 
 
 def _one_pass(stores, lives, values, path: str) -> float:
-    """Seconds for one swap over every tensor: ``fused`` (packed.apply: one pass writes
-    the live tensor), ``two-pass`` (combine_packed into a buffer, then scatter: the
+    """Seconds for one swap over every tensor: ``fused`` (packed.apply_all: one pass writes
+    each live tensor, one C call for them all), ``two-pass`` (combine_packed into a buffer, then scatter: the
     former structure), ``portable`` (fused, the C loop without AVX2) or ``index-ops``
     (torch's index ops: CUDA's path, MERGEKIT_RLVR_SWAP_KERNEL=0)."""
     from vllm_plugins import packed
@@ -92,12 +92,10 @@ def _one_pass(stores, lives, values, path: str) -> float:
     os.environ["MERGEKIT_RLVR_SWAP_KERNEL"] = mode
     try:
         start = time.perf_counter()
-        for (store, slots), live in zip(stores, lives):
-            coefficients = [values[i] for i in slots]
-            if path == "two-pass":
-                packed.scatter(store, packed.combine_packed(store, coefficients).to(live.dtype), live)
-            else:
-                packed.apply(store, coefficients, live)
+        if path != "two-pass":  # as the worker swaps (vllm_plugins.stores.swap_all)
+            packed.apply_all([(store, [values[i] for i in slots], live, None) for (store, slots), live in zip(stores, lives)])
+        for (store, slots), live in zip(stores, lives) if path == "two-pass" else ():
+            packed.scatter(store, packed.combine_packed(store, [values[i] for i in slots]).to(live.dtype), live)
         return time.perf_counter() - start
     finally:
         if before is None:

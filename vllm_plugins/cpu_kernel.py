@@ -36,6 +36,7 @@ SOURCE = Path(__file__).with_name("swap_kernel.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}
 BLOCK = 2048  # entries per block (swap_kernel.c's BLOCK)
+SPLIT = 16  # a thread per 2^SPLIT touched entries at most
 _lib = {}
 
 
@@ -113,8 +114,8 @@ def _portable() -> int:
 
 
 def _threads(count: int) -> int:
-    """How many threads share one tensor: torch's intra-op count, one per 2^16 entries at most."""
-    return max(1, min(torch.get_num_threads(), count >> 16))
+    """How many threads share ``count`` touched entries: torch's intra-op count, one per 2^SPLIT at most."""
+    return max(1, min(torch.get_num_threads(), count >> SPLIT))
 
 
 def _run(fn, blocks: int, threads: int, *args) -> None:
@@ -173,10 +174,13 @@ class _Prepared:
         self.call, self.ref = _library().swap_apply, ctypes.byref(self.task)
         self.first, self.last = ctypes.c_int64(0), ctypes.c_int64(self.blocks)
 
-    def run(self, coefficients: Sequence[float], flat: torch.Tensor) -> None:
+    def set(self, coefficients: Sequence[float], flat: torch.Tensor) -> None:
         for k, j in enumerate(self.slots):
             self.coef[k] = float(coefficients[j])
         self.task.out = flat.data_ptr()
+
+    def run(self, coefficients: Sequence[float], flat: torch.Tensor) -> None:
+        self.set(coefficients, flat)
         threads = _threads(self.count)
         if threads == 1:
             self.call(self.ref, self.first, self.last)
@@ -184,11 +188,10 @@ class _Prepared:
             _run(self.call, self.blocks, threads, self.ref)
 
 
-def apply(p, coefficients: Sequence[float], flat: torch.Tensor, via: Optional[torch.dtype] = None) -> bool:
-    """``packed.apply(p, coefficients, flat, via)`` (``flat``: 1-D, contiguous,
-    ``p.numel`` entries), bit for bit, where this kernel does it (a CPU tensor, the
-    library built, :func:`fused` dtypes): whether it did. Its arguments are kept on ``p``
-    (built at the first swap; a swap then costs one ctypes call)."""
+def _prepared(p, flat: torch.Tensor, via: Optional[torch.dtype]):
+    """swap_apply's arguments for ``p`` into ``flat`` (kept on ``p``: built at the first
+    swap), or False where this kernel does not do it (not a CPU tensor, no library,
+    dtypes that are not :func:`fused`, MERGEKIT_RLVR_SWAP_KERNEL=0)."""
     mode = os.environ.get("MERGEKIT_RLVR_SWAP_KERNEL", "auto")
     key = (flat.dtype, via, mode)
     prepared = p.kernel.get(key)
@@ -202,9 +205,37 @@ def apply(p, coefficients: Sequence[float], flat: torch.Tensor, via: Optional[to
             if any(v.bits is not None and v.starts is None for v in p.vectors) or (p.touched is None) != (p.starts is None):
                 raise ValueError("cpu_kernel.apply: packed storage without block starts (build it with packed.pack)")
             prepared = p.kernel[key] = _Prepared(p, flat.dtype, int(mode == "portable"))
+    return prepared
+
+
+def apply(p, coefficients: Sequence[float], flat: torch.Tensor, via: Optional[torch.dtype] = None) -> bool:
+    """``packed.apply(p, coefficients, flat, via)`` (``flat``: 1-D, contiguous,
+    ``p.numel`` entries), bit for bit, where this kernel does it: whether it did."""
+    prepared = _prepared(p, flat, via)
     if prepared:
         prepared.run(coefficients, flat)
     return bool(prepared)
+
+
+def apply_all(items) -> list:
+    """:func:`apply` on every (p, coefficients, flat, via) of ``items`` in one call (threads
+    inside, each a run of blocks across the tensors); gives back the items it did not do."""
+    done, rest = [], []
+    for p, coefficients, flat, via in items:
+        prepared = _prepared(p, flat, via) if p.count else None
+        if prepared:
+            prepared.set(coefficients, flat)
+            done.append(prepared)
+        elif prepared is False:
+            rest.append((p, coefficients, flat, via))
+    if done:
+        edges = [0]
+        for prepared in done:
+            edges.append(edges[-1] + prepared.blocks)
+        tasks = _array(ctypes.c_void_p, [ctypes.addressof(prepared.task) for prepared in done])
+        threads = _threads(sum(prepared.count for prepared in done))
+        _library().swap_apply_all(tasks, _array(ctypes.c_int64, edges), ctypes.c_int(len(done)), ctypes.c_int(threads))
+    return rest
 
 
 def combine(p, coefficients: Sequence[float]) -> torch.Tensor:

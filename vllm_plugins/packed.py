@@ -254,6 +254,16 @@ def apply(p: Packed, coefficients: Sequence[float], out: torch.Tensor,
     return out
 
 
+def apply_all(items: Sequence) -> None:
+    """:func:`apply` on every ``(p, coefficients, out, via)`` of ``items``: on CPU one
+    call of the C loop for them all (threads inside), the others one by one."""
+    for p, c, _, _ in items:
+        _check(p, c)
+    flat = [(p, c, out.view(-1), via) for p, c, out, via in items]
+    for p, c, out, via in cpu_kernel.apply_all([i for i in flat if i[0].count]):
+        apply(p, c, out, via)
+
+
 def scatter(p: Packed, merged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Write ``merged`` (from :func:`combine_packed`, cast as wanted) into ``out``
     (``p.shape``, contiguous) at the touched entries."""

@@ -46,6 +46,16 @@ class InPlace:
         packed.apply(store, [values[i] for i in self.slots], self.param.data, via=self.save_dtype)
 
 
+def swap_all(entries: List[InPlace], values: List[float]) -> None:
+    """``entry.swap(values)`` for every entry: those on the host in one call of the CPU
+    kernel (packed.apply_all), the host-offloaded ones streamed one by one."""
+    here = [e for e in entries if e.store.base.device == e.param.device]
+    packed.apply_all([(e.store, [values[i] for i in e.slots], e.param.data, e.save_dtype) for e in here])
+    for entry in entries:
+        if entry.store.base.device != entry.param.device:
+            entry.swap(values)
+
+
 @dataclass
 class Reload:
     name: str  # checkpoint tensor name

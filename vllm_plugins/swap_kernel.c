@@ -12,6 +12,7 @@
  * touched entries and each vector's values start was computed once, when the storage
  * was packed (packed.pack), so blocks run in parallel (threads of the caller, each a
  * range of blocks). */
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef __AVX2__
@@ -370,6 +371,41 @@ void swap_apply(const struct task *t, int64_t first, int64_t last) {
         else
             memcpy((char *)t->out + lo * es, buf, (size_t)m * es);
     }
+}
+
+/* blocks [first, last) of a swap over several tasks, numbered across them (task i: [edges[i], edges[i + 1])) */
+struct span {
+    const struct task *const *tasks;
+    const int64_t *edges;
+    int ntasks;
+    int64_t first, last;
+};
+
+static void *run_span(void *arg) {
+    const struct span *s = arg;
+    for (int i = 0; i < s->ntasks; i++) {
+        int64_t a = s->first > s->edges[i] ? s->first : s->edges[i];
+        int64_t b = s->last < s->edges[i + 1] ? s->last : s->edges[i + 1];
+        if (a < b) swap_apply(s->tasks[i], a - s->edges[i], b - s->edges[i]);
+    }
+    return 0;
+}
+
+/* apply_all: swap_apply on every block of ntasks tasks, split into `threads` equal runs
+ * of blocks (the caller's thread takes the first) */
+void swap_apply_all(const struct task *const *tasks, const int64_t *edges, int ntasks, int threads) {
+    struct span spans[threads > 0 ? threads : 1];
+    pthread_t ids[threads > 0 ? threads : 1];
+    int started[threads > 0 ? threads : 1];
+    int64_t total = edges[ntasks];
+    for (int k = 0; k < threads; k++) {
+        spans[k] = (struct span){tasks, edges, ntasks, total * k / threads, total * (k + 1) / threads};
+        started[k] = k > 0 && pthread_create(&ids[k], 0, run_span, &spans[k]) == 0;
+    }
+    for (int k = 0; k < threads; k++)
+        if (!started[k]) run_span(&spans[k]); /* the first run, and any whose thread did not start */
+    for (int k = 1; k < threads; k++)
+        if (started[k]) pthread_join(ids[k], 0);
 }
 
 /* combine: out[k] = base[k] + sum_j c_j * v_j[k] for the `count` touched entries

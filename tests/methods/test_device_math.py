@@ -158,6 +158,21 @@ def test_cpu_swap_kernel_writes_combines_bits(dtype, monkeypatch):
                     expect = out.clone()
                     expect[touched] = (want if via is None else want.to(via)).to(live)[touched]
                     same_bits(packed.apply(store, c, out, via=via), expect)
+    # every tensor of a swap in one call, split over threads across the tensors
+    monkeypatch.setattr(cpu_kernel, "SPLIT", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        stores = [packed.pack(base, vs) for vs in (vectors, sparse, sparse[:1])]
+        lives = [base.clone() for _ in stores]
+        for mode in ("1", "portable"):
+            monkeypatch.setenv("MERGEKIT_RLVR_SWAP_KERNEL", mode)
+            packed.apply_all([(s, [1.5, -0.25, 2.0, 0.5, 1.0, -1.0][: len(s.vectors)], live, None)
+                              for s, live in zip(stores, lives)])
+            for s, vs, live in zip(stores, (vectors, sparse, sparse[:1]), lives):
+                same_bits(live, combine(base, vs, [1.5, -0.25, 2.0, 0.5, 1.0, -1.0][: len(vs)], out_dtype=dtype))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.cuda
