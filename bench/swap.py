@@ -155,7 +155,7 @@ def combine_part(family, repeats: int = 7) -> dict:
         for k, v in best.items():
             by_threads[n].update({f"{k}_seconds": v, f"{k}_ratio": memcpy / v})
     torch.set_num_threads(threads)
-    index_ops = min(_one_pass(stores, lives, values, "index-ops") for _ in range(max(1, repeats // 3)))
+    index_ops = _one_pass(stores, lives, values, "index-ops")  # one pass: slow, and only a reference
     del stores, lives
     gc.collect()
     full = by_threads[threads]
