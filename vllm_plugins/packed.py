@@ -129,6 +129,9 @@ class Packed:
     def nbytes(self) -> int:
         return self.base_nbytes + self.vector_nbytes
 
+    def __getstate__(self):  # (pickled without the kernel's ctypes arguments: rebuilt at the next swap)
+        return {**self.__dict__, "kernel": {}}
+
     def touched_mask(self) -> Optional[torch.Tensor]:
         """Flat bool mask of the touched entries (None: all)."""
         return None if self.touched is None else unpack_bits(self.touched, self.numel)
