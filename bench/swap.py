@@ -4,9 +4,12 @@
    reasoning_interp, task_arithmetic) / the model's weight bytes (goal for dots:
    <= 1.3x), from the decomposition before any engine starts
    (``vllm_plugins.plan.swap_bytes``), and for dots as the engine reports it.
-2. The combine step (``vllm_plugins.packed.combine_packed`` + the write of the
-   touched entries) against this machine's memcpy rate for the bytes it must touch
-   (read the stored bytes, write the touched entries; goal >= 50% on CPU).
+2. The swap's combine in place (``vllm_plugins.packed.apply``: one pass that writes
+   the live tensor at its touched entries) against this machine's memcpy rate for
+   the bytes it must touch (read the stored bytes, write the touched entries; goal
+   >= 50% on CPU), with one thread and with torch's thread count (memcpy alike),
+   beside the two-pass path (``combine_packed`` into a buffer, then ``scatter``),
+   the portable C loop and torch's index ops.
 3. ``set_coefficients`` time, split into vLLM's reload (loaders and the CPU
    backend's repacking), of which our combine, and the in-place part; against
    the authors' per-trial cost (mergekit-yaml + a fresh engine).
@@ -15,7 +18,7 @@
 5. With ``--tp 2``: the per-rank bytes of a tensor_parallel_size=2 engine
    (``VLLM_CPU_OMP_THREADS_BIND="0|1"`` on vLLM CPU).
 
-    .venv/bin/python bench/swap.py [--large] [--swaps 6] [--tp 2]
+    .venv/bin/python bench/swap.py [--large] [--swaps 6] [--tp 2] [--no-engine] [--family DIR]
 
 The default model (~13 M parameters) runs in a couple of minutes; ``--large`` is
 the 0.52 B model of issue 16. Writes bench-out/swap.json and bench-out/swap.png.
@@ -64,20 +67,6 @@ def write_yaml(path: Path, data) -> Path:
     return path
 
 
-def memcpy_rate(nbytes: int, repeats: int = 5) -> float:
-    """Bytes copied per second by torch copy_ between two buffers (best of N)."""
-    import torch
-
-    src = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8).fill_(1)
-    dst = torch.empty_like(src).fill_(0)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return src.numel() / best
-
-
 def bytes_part(family) -> dict:
     """Per method: planned bytes per rank / weight bytes (no engine)."""
     from mergekit_rlvr.decompose import decompose
@@ -91,22 +80,23 @@ def bytes_part(family) -> dict:
     return out
 
 
-def _time_swaps(stores, lives, values, repeats: int, kernel: str) -> float:
-    """Best time of one pass of combine + write over every tensor, with
-    MERGEKIT_RLVR_SWAP_KERNEL=kernel (the C loop, or "0": torch's index ops)."""
+def _one_pass(stores, lives, values, path: str) -> float:
+    """Seconds for one swap over every tensor: ``fused`` (packed.apply_all: one pass writes
+    each live tensor, one C call for them all), ``two-pass`` (combine_packed into a buffer, then scatter: the
+    former structure), ``portable`` (fused, the C loop without AVX2) or ``index-ops``
+    (torch's index ops: CUDA's path, MERGEKIT_RLVR_SWAP_KERNEL=0)."""
     from vllm_plugins import packed
 
+    mode = {"portable": "portable", "index-ops": "0"}.get(path, "auto")
     before = os.environ.get("MERGEKIT_RLVR_SWAP_KERNEL")
-    os.environ["MERGEKIT_RLVR_SWAP_KERNEL"] = kernel
+    os.environ["MERGEKIT_RLVR_SWAP_KERNEL"] = mode
     try:
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for (store, slots), live in zip(stores, lives):
-                merged = packed.combine_packed(store, [values[i] for i in slots])
-                packed.scatter(store, merged.to(live.dtype), live)
-            best = min(best, time.perf_counter() - start)
-        return best
+        start = time.perf_counter()
+        if path != "two-pass":  # as the worker swaps (vllm_plugins.stores.swap_all)
+            packed.apply_all([(store, [values[i] for i in slots], live, None) for (store, slots), live in zip(stores, lives)])
+        for (store, slots), live in zip(stores, lives) if path == "two-pass" else ():
+            packed.scatter(store, packed.combine_packed(store, [values[i] for i in slots]).to(live.dtype), live)
+        return time.perf_counter() - start
     finally:
         if before is None:
             os.environ.pop("MERGEKIT_RLVR_SWAP_KERNEL")
@@ -114,9 +104,26 @@ def _time_swaps(stores, lives, values, repeats: int, kernel: str) -> float:
             os.environ["MERGEKIT_RLVR_SWAP_KERNEL"] = before
 
 
-def combine_part(family, repeats: int = 5) -> dict:
-    """The combine step on dots' packed tensors (in-place style) against memcpy, with the
-    CPU swap kernel (vllm_plugins.cpu_kernel) and with torch's index ops, side by side."""
+def _copy_seconds(nbytes: int):
+    """A function timing one torch copy_ of nbytes (torch's threads, like the kernel's)."""
+    import torch
+
+    src = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src).fill_(0)
+
+    def once() -> float:
+        start = time.perf_counter()
+        dst.copy_(src)
+        return (time.perf_counter() - start) * nbytes / src.numel()
+
+    return once
+
+
+def combine_part(family, repeats: int = 7) -> dict:
+    """The swap's combine on dots' packed tensors (in place: the live tensor written at
+    its touched entries) against memcpy of the bytes it must touch (stored bytes +
+    the touched entries written), each path and memcpy measured in turn in the same
+    rounds (best of N), with one thread and with torch's thread count: like with like."""
     import torch
 
     from mergekit_rlvr.decompose import decompose
@@ -130,17 +137,32 @@ def combine_part(family, repeats: int = 5) -> dict:
         stores.append((packed.pack(base, sources), list(task.slots)))
         lives.append(base.to(task.save_dtype or base.dtype, copy=True))
     touched = sum(s.nbytes + s.count * live.element_size() for (s, _), live in zip(stores, lives))
-    values = [0.9, 1.1]
-    _time_swaps(stores, lives, values, 1, "auto")  # builds (or loads) the kernel
-    kernel = _time_swaps(stores, lives, values, repeats, "auto")
-    index_ops = _time_swaps(stores, lives, values, max(1, repeats // 2), "0")
-    memcpy = memcpy_rate(touched, repeats=20)
+    values, threads = [0.9, 1.1], torch.get_num_threads()
+    copy = _copy_seconds(touched)
+    kernel = cpu_kernel._library() is not None
+    paths = ["fused", "two-pass", "portable"] if kernel else ["fused"]
+    by_threads = {}
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        for path in paths:
+            _one_pass(stores, lives, values, path)  # builds (or loads) the kernel, its arguments
+        best = dict.fromkeys(["memcpy", *paths], float("inf"))
+        for _ in range(repeats):
+            for key in best:
+                best[key] = min(best[key], copy() if key == "memcpy" else _one_pass(stores, lives, values, key))
+        memcpy = best.pop("memcpy")
+        by_threads[n] = {"memcpy_rate": touched / memcpy}
+        for k, v in best.items():
+            by_threads[n].update({f"{k}_seconds": v, f"{k}_ratio": memcpy / v})
+    torch.set_num_threads(threads)
+    index_ops = _one_pass(stores, lives, values, "index-ops")  # one pass: slow, and only a reference
     del stores, lives
     gc.collect()
-    return {"touched_bytes": touched, "seconds": kernel, "rate": touched / kernel, "memcpy_rate": memcpy,
-            "ratio": touched / kernel / memcpy, "kernel": cpu_kernel._library() is not None,
-            "index_ops_seconds": index_ops, "index_ops_ratio": touched / index_ops / memcpy,
-            "threads": torch.get_num_threads()}
+    full = by_threads[threads]
+    return {"touched_bytes": touched, "seconds": full["fused_seconds"], "rate": touched / full["fused_seconds"],
+            "memcpy_rate": full["memcpy_rate"], "ratio": full["fused_ratio"], "kernel": kernel,
+            "index_ops_seconds": index_ops, "index_ops_ratio": touched / index_ops / full["memcpy_rate"],
+            "threads": threads, "by_threads": by_threads, "load_average": os.getloadavg()}
 
 
 def engine_part(root: Path, family, swaps: int) -> dict:
@@ -208,6 +230,24 @@ def tp_part(root: Path, family, tp: int) -> dict:
             "read_bytes": [s["reads"]["bytes"] for s in states], "read_whole_bytes": [s["reads"]["whole"] for s in states]}
 
 
+def make_family(folder: Path, shape: dict) -> dict:
+    """The bf16 generated models (base, sft, rl, rl2) of ``shape`` in ``folder``: written
+    there, or reused where an earlier run wrote the same shape."""
+    import torch
+
+    from mergekit_rlvr.toy.tiny import write_family
+
+    names, stamp = ("base", "sft", "rl", "rl2"), folder / "bench-shape.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == shape:
+        return {name: str(folder / name) for name in names}
+    if folder.exists() and any(folder.iterdir()):
+        raise SystemExit(f"--family {folder}: not empty and not a family of this shape ({shape})")
+    family = write_family(str(folder), {"sft": (0.3, 1.0), "rl": (0.01, 0.3), "rl2": (0.01, 0.3)},
+                          dtype=torch.bfloat16, **shape)
+    stamp.write_text(json.dumps(shape))  # last: a family cut short is not reused
+    return family
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -234,10 +274,16 @@ def report(result: dict) -> None:
     print("bytes held per rank / weight bytes: " + ", ".join(f"{m} {v['ratio']:.2f}x" for m, v in b.items())
           + f" (weights {b['dots']['weights'] / 1e6:.1f} MB; goal for dots <= 1.3x)", flush=True)
     c = result["combine"]
-    print(f"combine: {c['touched_bytes'] / 1e6:.1f} MB touched in {c['seconds'] * 1e3:.1f} ms = {c['rate'] / 1e9:.2f} "
-          f"GB/s; memcpy {c['memcpy_rate'] / 1e9:.2f} GB/s ({c['threads']} threads); combine/memcpy "
-          f"{100 * c['ratio']:.0f}% (goal >= 50%; CPU kernel {'on' if c['kernel'] else 'unavailable'}); torch index ops "
-          f"{c['index_ops_seconds'] * 1e3:.1f} ms = {100 * c['index_ops_ratio']:.1f}%", flush=True)
+    print(f"combine (in place, {c['touched_bytes'] / 1e6:.1f} MB touched; load average "
+          f"{c['load_average'][0]:.2f}; goal >= 50% of memcpy; CPU kernel {'on' if c['kernel'] else 'unavailable'}):",
+          flush=True)
+    for n, t in c["by_threads"].items():
+        paths = [k[: -len("_seconds")] for k in t if k.endswith("_seconds")]
+        print(f"  {n} thread{'s' if int(n) > 1 else ''} (memcpy and kernel alike): memcpy {t['memcpy_rate'] / 1e9:.2f} "
+              "GB/s; " + "; ".join(f"{k} {t[k + '_seconds'] * 1e3:.1f} ms = {100 * t[k + '_ratio']:.0f}%" for k in paths),
+              flush=True)
+    print(f"  torch index ops ({c['threads']} threads) {c['index_ops_seconds'] * 1e3:.1f} ms = "
+          f"{100 * c['index_ops_ratio']:.1f}%", flush=True)
     if "engine" in result:
         e = result["engine"]
         print(f"swap: median {e['swap_median_seconds']:.3f} s (reload {e['swap_reload_median_seconds']:.3f} s, of "
@@ -265,11 +311,8 @@ def main(argv=None):
     parser.add_argument("--no-engine", action="store_true", help="only the parts without an engine (1, 2)")
     parser.add_argument("--tp", type=int, default=0, help="also start a tensor_parallel_size=TP engine")
     parser.add_argument("--out", default="bench-out")
+    parser.add_argument("--family", help="keep the generated models in this folder and reuse them in later runs")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from mergekit_rlvr.toy.tiny import write_family
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,8 +320,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="swap-bench-") as tmp:
         root = Path(tmp)
         shape = LARGE if args.large else SMALL
-        family = write_family(str(root / "family"), {"sft": (0.3, 1.0), "rl": (0.01, 0.3), "rl2": (0.01, 0.3)},
-                              dtype=torch.bfloat16, **shape)
+        family = make_family(Path(args.family) if args.family else root / "family", shape)
         result["model"] = shape
         result["bytes"] = bytes_part(family)
         result["combine"] = combine_part(family)

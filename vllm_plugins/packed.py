@@ -26,18 +26,23 @@ only when every term is), so adding +-0 leaves it unchanged bit for bit.
 gives: float32 work (float64 for a float64 merge), per vector one multiply and one
 add per entry in vector order, rounded once. On CPU tensors it and :func:`scatter` run
 as one C loop per tensor (:mod:`vllm_plugins.cpu_kernel`, same bits); elsewhere (CUDA),
-or without a C compiler, as the torch index ops below.
+or without a C compiler, as the torch index ops below. The swap itself is :func:`apply`:
+on CPU one pass that writes the merged values straight into the live tensor at the
+touched entries (no merged buffer), from block starts computed once by :func:`pack`
+(``starts``: per block of ``cpu_kernel.BLOCK`` entries, where its touched entries and
+each vector's values begin; 8 bytes per block, counted in ``nbytes``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from mergekit_rlvr.methods.common import MaskedVector, RecomputedVector, SparseVector
 from vllm_plugins import cpu_kernel
+from vllm_plugins.cpu_kernel import BLOCK
 
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -86,14 +91,15 @@ class PackedVector:
     values: torch.Tensor  # at the support, narrowest exact dtype
     recompute: bool  # values are the model's (vector = (values - base) * scale)
     scale: Optional[float] = None
+    starts: Optional[torch.Tensor] = None  # int64: its first value in each block (with bits)
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.bits) + _nbytes(self.values)
+        return _nbytes(self.bits) + _nbytes(self.values) + _nbytes(self.starts)
 
     def to(self, device) -> "PackedVector":
-        bits = None if self.bits is None else _move(self.bits, device)
-        return replace(self, bits=bits, values=_move(self.values, device))
+        return replace(self, bits=_move(self.bits, device), values=_move(self.values, device),
+                       starts=_move(self.starts, device))
 
 
 @dataclass
@@ -104,6 +110,8 @@ class Packed:
     touched: Optional[torch.Tensor]  # bits over all entries (None: all touched)
     base: torch.Tensor  # at the touched entries
     vectors: List[PackedVector] = field(default_factory=list)
+    starts: Optional[torch.Tensor] = None  # int64: each block's first touched entry (with touched)
+    kernel: Dict = field(default_factory=dict, init=False, repr=False, compare=False)  # cpu_kernel's arguments
 
     @property
     def numel(self) -> int:
@@ -111,7 +119,7 @@ class Packed:
 
     @property
     def base_nbytes(self) -> int:
-        return _nbytes(self.touched) + _nbytes(self.base)
+        return _nbytes(self.touched) + _nbytes(self.base) + _nbytes(self.starts)
 
     @property
     def vector_nbytes(self) -> int:
@@ -121,6 +129,9 @@ class Packed:
     def nbytes(self) -> int:
         return self.base_nbytes + self.vector_nbytes
 
+    def __getstate__(self):  # (pickled without the kernel's ctypes arguments: rebuilt at the next swap)
+        return {**self.__dict__, "kernel": {}}
+
     def touched_mask(self) -> Optional[torch.Tensor]:
         """Flat bool mask of the touched entries (None: all)."""
         return None if self.touched is None else unpack_bits(self.touched, self.numel)
@@ -128,11 +139,13 @@ class Packed:
     def to(self, device) -> "Packed":
         """On ``device``; ``"pinned"``: page-locked host memory (the offload mode, streamed
         to the device at each swap; plain host memory where there is no CUDA)."""
-        touched = None if self.touched is None else _move(self.touched, device)
-        return replace(self, touched=touched, base=_move(self.base, device), vectors=[v.to(device) for v in self.vectors])
+        return replace(self, touched=_move(self.touched, device), base=_move(self.base, device),
+                       vectors=[v.to(device) for v in self.vectors], starts=_move(self.starts, device))
 
 
-def _move(t: torch.Tensor, device) -> torch.Tensor:
+def _move(t: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
     if device == "pinned":
         t = t.cpu()
         return t.pin_memory() if torch.cuda.is_available() else t
@@ -167,23 +180,38 @@ def pack(base: torch.Tensor, vectors: Sequence) -> Packed:
         touched |= support
     everything = bool(touched.all())
     count = flat.numel() if everything else int(touched.sum())
+    touched_bits = None if everything else pack_bits(touched)
+    edges = (torch.arange((flat.numel() + BLOCK - 1) // BLOCK + 1, device=flat.device) * BLOCK).clamp_(max=flat.numel())
+    starts = None if everything else _ones_before(touched_bits, edges)
     packed_vectors = []
     for support, values, recompute, scale in parts:
         within = support if everything else support[touched]
         whole = bool(within.all())
         kept = values if everything and whole else values[support]
-        packed_vectors.append(PackedVector(None if whole else pack_bits(within), narrowest(kept.contiguous()),
-                                           recompute, scale))
-    return Packed(base.shape, base.dtype, count, None if everything else pack_bits(touched),
-                  narrowest((flat if everything else flat[touched]).contiguous()), packed_vectors)
+        bits = None if whole else pack_bits(within)
+        packed_vectors.append(PackedVector(bits, narrowest(kept.contiguous()), recompute, scale,
+                                           None if whole else _ones_before(bits, edges if everything else starts)))
+    return Packed(base.shape, base.dtype, count, touched_bits,
+                  narrowest((flat if everything else flat[touched]).contiguous()), packed_vectors, starts)
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def _ones_before(bits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """How many bits of ``bits`` (from :func:`pack_bits`) are set before each of ``positions``."""
+    popcount = _POPCOUNT.to(bits.device)
+    ones = torch.cat([positions.new_zeros(1), popcount[bits.long()].cumsum(0)])
+    byte, shift = positions >> 3, positions & 7
+    low = torch.cat([bits, bits.new_zeros(1)])[byte].long() & ((torch.ones_like(shift) << shift) - 1)
+    return ones[byte] + popcount[low]
 
 
 # --------------------------------------------------------------------------- the swap
 def combine_packed(p: Packed, coefficients: Sequence[float]) -> torch.Tensor:
     """``combine(base, vectors, coefficients, out_dtype=p.dtype)`` at the touched
     entries (1-D, row-major), bit for bit."""
-    if len(p.vectors) != len(coefficients):
-        raise ValueError(f"{len(p.vectors)} vectors but {len(coefficients)} coefficients")
+    _check(p, coefficients)
     if cpu_kernel.wanted(p.base, p.count):
         return cpu_kernel.combine(p, coefficients)
     work = torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -207,6 +235,38 @@ def combine_packed(p: Packed, coefficients: Sequence[float]) -> torch.Tensor:
     return acc.to(p.dtype)
 
 
+def _check(p: Packed, coefficients: Sequence[float]) -> None:
+    if len(p.vectors) != len(coefficients):
+        raise ValueError(f"{len(p.vectors)} vectors but {len(coefficients)} coefficients")
+
+
+def apply(p: Packed, coefficients: Sequence[float], out: torch.Tensor,
+          via: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The swap: ``out`` (``p.shape`` entries, contiguous, any dtype) at the touched
+    entries becomes ``combine_packed(p, coefficients)`` cast to ``via`` (mergekit's
+    saved dtype, where it has one) and to ``out``'s dtype, bit for bit; the other
+    entries are left as they are. On CPU one pass of the C loop (no merged buffer)."""
+    _check(p, coefficients)
+    flat = out.view(-1)
+    if not p.count:  # no vector changes any entry
+        return out
+    if cpu_kernel.apply(p, coefficients, flat, via):
+        return out
+    merged = combine_packed(p, coefficients)
+    scatter(p, merged if via is None else merged.to(via), flat)
+    return out
+
+
+def apply_all(items: Sequence) -> None:
+    """:func:`apply` on every ``(p, coefficients, out, via)`` of ``items``: on CPU one
+    call of the C loop for them all (threads inside), the others one by one."""
+    for p, c, _, _ in items:
+        _check(p, c)
+    flat = [(p, c, out.view(-1), via) for p, c, out, via in items]
+    for p, c, out, via in cpu_kernel.apply_all([i for i in flat if i[0].count]):
+        apply(p, c, out, via)
+
+
 def scatter(p: Packed, merged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Write ``merged`` (from :func:`combine_packed`, cast as wanted) into ``out``
     (``p.shape``, contiguous) at the touched entries."""
@@ -223,5 +283,4 @@ def scatter(p: Packed, merged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def merge_dense(p: Packed, coefficients: Sequence[float], full_base: torch.Tensor) -> torch.Tensor:
     """The whole merged tensor (merge dtype): ``full_base`` (the base, any dtype that
     holds it exactly) with the touched entries recombined."""
-    out = full_base.to(p.dtype, copy=True).contiguous()
-    return scatter(p, combine_packed(p, coefficients), out)
+    return apply(p, coefficients, full_base.to(p.dtype, copy=True).contiguous())

@@ -43,8 +43,17 @@ class InPlace:
         store = self.store
         if store.base.device != self.param.device:  # host offload: streamed to the device for this swap
             store = store.to(self.param.device)
-        merged = packed.combine_packed(store, [values[i] for i in self.slots])
-        packed.scatter(store, _save(merged, self.save_dtype), self.param.data)
+        packed.apply(store, [values[i] for i in self.slots], self.param.data, via=self.save_dtype)
+
+
+def swap_all(entries: List[InPlace], values: List[float]) -> None:
+    """``entry.swap(values)`` for every entry: those on the host in one call of the CPU
+    kernel (packed.apply_all), the host-offloaded ones streamed one by one."""
+    here = [e for e in entries if e.store.base.device == e.param.device]
+    packed.apply_all([(e.store, [values[i] for i in e.slots], e.param.data, e.save_dtype) for e in here])
+    for entry in entries:
+        if entry.store.base.device != entry.param.device:
+            entry.swap(values)
 
 
 @dataclass
@@ -64,12 +73,11 @@ class Reload:
         device = self.store.base.device
         full = _save(self.read_base().to(device=device, dtype=self.store.dtype), self.save_dtype)
         full = full.clone(memory_format=torch.contiguous_format)
-        merged = _save(packed.combine_packed(self.store, [values[i] for i in self.slots]), self.save_dtype)
+        coefficients = [values[i] for i in self.slots]
         if self.cover is None:
-            return packed.scatter(self.store, merged, full)
+            return packed.apply(self.store, coefficients, full, via=self.save_dtype)
         mine = packed.unpack_bits(self.cover, full.numel())
-        part = full.view(-1)[mine]
-        full.view(-1)[mine] = packed.scatter(self.store, merged, part)
+        full.view(-1)[mine] = packed.apply(self.store, coefficients, full.view(-1)[mine], via=self.save_dtype)
         return full
 
 

@@ -5,9 +5,14 @@
  * below is the one torch does, rounded the same way (no FMA, no reassociation), so the
  * results are those of mergekit_rlvr.methods.common.combine bit for bit.
  *
- * Entries are taken in blocks of BLOCK (a multiple of 8: whole bytes of a bitmask); a
- * vector's compacted values are found by counting set bits, and the blocks' starting
- * places come from one cheap pass over the bitmask bytes, so blocks run in parallel (threads of the caller, each a range of blocks). */
+ * swap_apply writes the merged values straight into the live tensor at its touched
+ * entries, one pass: the tensor is taken in blocks of BLOCK entries (a multiple of 8:
+ * whole bytes of its bitmask); a block's touched entries are combined into a small
+ * buffer (in cache) and written out through the touched bitmask. Where each block's
+ * touched entries and each vector's values start was computed once, when the storage
+ * was packed (packed.pack), so blocks run in parallel (threads of the caller, each a
+ * range of blocks). */
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef __AVX2__
@@ -15,9 +20,25 @@
 #endif
 
 #define BLOCK 2048
-#define MAXVEC 8
 
 enum { BF16 = 0, F16 = 1, F32 = 2, F64 = 3 };
+static const int SIZE[4] = {2, 2, 4, 8};
+
+/* one tensor's swap (cpu_kernel._Task mirrors it) */
+struct task {
+    const uint8_t *touched;        /* bits over out's numel entries (NULL: all touched) */
+    const int64_t *tstarts;        /* per block of out: its first touched entry (nblocks + 1) */
+    const void *base;              /* at the touched entries (count) */
+    void *out;                     /* numel entries, dtype odt */
+    const uint8_t *const *bits;    /* per vector: bits over the touched entries (NULL: all) */
+    const int64_t *const *starts;  /* per vector with bits: its first value in each block of out */
+    const void *const *values;
+    const int *vdt, *recompute, *has_scale;
+    const int64_t *nvalues;
+    const double *scale, *coef;
+    int64_t numel, count;
+    int bdt, odt, work64, portable, nvec;
+};
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -70,17 +91,25 @@ void swap_starts(const uint8_t *bits, int64_t count, int64_t *starts) {
     for (int64_t b = 0; b < nblocks; b++) starts[b + 1] += starts[b];
 }
 
-/* the positions (within the block) of the set bits of a block, and how many (branchless) */
-static int block_places(const uint8_t *bits, int64_t lo, int n, int32_t *restrict where) {
+/* 8 bits of `bits` (nbytes bytes) from bit c on, any alignment (c < 8 * nbytes) */
+static inline unsigned bits8(const uint8_t *bits, int64_t nbytes, int64_t c) {
+    int64_t k = c >> 3;
+    unsigned lo = bits[k], hi = k + 1 < nbytes ? bits[k + 1] : 0;
+    return ((lo | hi << 8) >> (c & 7)) & 0xFF;
+}
+
+/* the positions (from c) of the set bits of `bits` in [c, c + n), and how many (branchless) */
+static int places(const uint8_t *bits, int64_t nbytes, int64_t c, int n, int32_t *restrict where) {
     int m = 0;
     for (int i = 0; i < n; i += 8) {
-        unsigned byte = bits[(lo + i) / 8];
+        unsigned byte = bits8(bits, nbytes, c + i);
+        if (n - i < 8) byte &= (1u << (n - i)) - 1;
         for (int k = 0; k < 8; k++) {
             where[m] = i + k;
             m += (byte >> k) & 1;
         }
     }
-    return m; /* bits past n are zero (pack_bits pads with zeros) */
+    return m;
 }
 
 static void store(void *out, int dt, int64_t at, const double *a64, const float *a32, int n) {
@@ -95,26 +124,28 @@ static void store(void *out, int dt, int64_t at, const double *a64, const float 
         for (int i = 0; i < n; i++) o[i] = a64 ? (float)a64[i] : a32[i];
     } else {
         double *o = (double *)out + at;
-        for (int i = 0; i < n; i++) o[i] = a64[i];
+        for (int i = 0; i < n; i++) o[i] = a64 ? a64[i] : (double)a32[i];
     }
 }
 
 #ifdef __AVX2__
-/* per byte value: lane k takes the (set bits below k)-th of 8 consecutive values; lane k's bit */
-static int32_t PERM[256][8], MASK[256][8];
+/* per byte value: lane k takes the (set bits below k)-th of 8 consecutive values (PERM:
+ * 32-bit lanes; SHUF16: the bytes of 16-bit lanes); lane k's bit (MASK, MASK16) */
+static int32_t PERM[256][8] __attribute__((aligned(32))), MASK[256][8] __attribute__((aligned(32)));
+static uint8_t SHUF16[256][16] __attribute__((aligned(16))), MASK16[256][16] __attribute__((aligned(16)));
 
 static void tables(void) {
     for (int b = 0; b < 256; b++)
         for (int k = 0, r = 0; k < 8; k++) {
+            int on = (b >> k) & 1;
             PERM[b][k] = r < 8 ? r : 7;
-            MASK[b][k] = (b >> k) & 1 ? -1 : 0;
-            r += (b >> k) & 1;
+            MASK[b][k] = on ? -1 : 0;
+            SHUF16[b][2 * k] = on ? 2 * r : 0x80, SHUF16[b][2 * k + 1] = on ? 2 * r + 1 : 0x80;
+            MASK16[b][2 * k] = MASK16[b][2 * k + 1] = on ? 0xFF : 0;
+            r += on;
         }
 }
 
-#endif
-
-#ifdef __AVX2__
 /* 8 consecutive entries of src (dtype dt) from index at, widened to float32 */
 static inline __m256 load8(const void *src, int dt, int64_t at) {
     if (dt == BF16)
@@ -149,35 +180,77 @@ static inline void store8(void *out, int dt, int64_t at, __m256 a) {
 #define VEC_DTYPE(dt) ((dt) == BF16 || (dt) == F32)
 #endif
 
-/* one block, float32 work, read and written straight from the tensors (every load of 8
- * in bounds): per vector, 8 entries at a time, the next values moved into their lanes
- * (a permute), the term computed and selected by the bits */
-static void block_direct(int n, int64_t lo, const void *base, int bdt, void *out, int odt, int nvec,
-                         const uint8_t *const *bits, const void *const *values, const int *vdt, int64_t *at,
-                         const int *recompute, const int *has_scale, const float *s, const float *c) {
-    for (int i = 0; i < n; i += 8) {
-        __m256 b = load8(base, bdt, lo + i), a = b;
-        for (int j = 0; j < nvec; j++) {
-            __m256 t, keep;
+
+/* The touched entries [c0, c0 + m) of a task, float32 work, read straight from the
+ * tensors (every load of 8 in bounds: the caller checks) and written to dst[d0...] in
+ * the output dtype: per vector, 8 entries at a time, the next values moved into their
+ * lanes (a permute chosen by the bitmask byte), the term computed and kept by the bits.
+ * Lanes past m (the last 8) are computed and not used. NVEC is a constant where it is
+ * inlined (1 to MAXVEC vectors: everything per vector in registers). */
+#define MAXVEC 4
+static inline __attribute__((always_inline)) void entries_avx2_n(const struct task *t, int64_t blk, int64_t c0,
+                                                                  int m, void *dst, int64_t d0, const int NVEC) {
+    int64_t at[MAXVEC];
+    const uint8_t *bits[MAXVEC];
+    const void *values[MAXVEC];
+    int vdt[MAXVEC], re[MAXVEC], sc[MAXVEC];
+    __m256 s[MAXVEC], c[MAXVEC];
+    for (int j = 0; j < NVEC; j++) {
+        bits[j] = t->bits[j], values[j] = t->values[j], vdt[j] = t->vdt[j];
+        re[j] = t->recompute[j], sc[j] = t->has_scale[j];
+        s[j] = _mm256_set1_ps((float)t->scale[j]), c[j] = _mm256_set1_ps((float)t->coef[j]);
+        at[j] = bits[j] ? t->starts[j][blk] : c0;
+    }
+    const void *base = t->base;
+    int bdt = t->bdt, odt = t->odt;
+    for (int k = 0; k < m; k += 8) {
+        int64_t e = c0 + k;
+        __m256 b = load8(base, bdt, e), a = b;
+        for (int j = 0; j < NVEC; j++) {
+            __m256 v;
+            unsigned byte = 0;
             if (bits[j]) {
-                unsigned byte = bits[j][(lo + i) / 8];
-                t = _mm256_permutevar8x32_ps(load8(values[j], vdt[j], at[j]), _mm256_loadu_si256((const __m256i *)PERM[byte]));
-                keep = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)MASK[byte]));
+                uint16_t two; /* (in bounds: avx2_ok) */
+                memcpy(&two, bits[j] + (e >> 3), 2);
+                byte = (two >> (e & 7)) & 0xFF;
+                v = _mm256_permutevar8x32_ps(load8(values[j], vdt[j], at[j]),
+                                             _mm256_load_si256((const __m256i *)PERM[byte]));
                 at[j] += __builtin_popcount(byte);
             } else {
-                t = load8(values[j], vdt[j], at[j]);
-                keep = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-                at[j] += 8;
+                v = load8(values[j], vdt[j], e);
             }
-            if (recompute[j]) {
-                t = _mm256_sub_ps(t, b);
-                if (has_scale[j]) t = _mm256_mul_ps(t, _mm256_set1_ps(s[j]));
+            if (re[j]) {
+                v = _mm256_sub_ps(v, b);
+                if (sc[j]) v = _mm256_mul_ps(v, s[j]);
             }
-            t = _mm256_mul_ps(t, _mm256_set1_ps(c[j]));
-            a = _mm256_blendv_ps(a, _mm256_add_ps(a, t), keep);
+            v = _mm256_add_ps(a, _mm256_mul_ps(v, c[j]));
+            a = bits[j] ? _mm256_blendv_ps(a, v, _mm256_load_ps((const float *)MASK[byte])) : v;
         }
-        store8(out, odt, lo + i, a);
+        store8(dst, odt, d0 + k, a);
     }
+}
+
+static void entries_avx2(const struct task *t, int64_t blk, int64_t c0, int m, void *dst, int64_t d0) {
+    switch (t->nvec) {
+    case 0: entries_avx2_n(t, blk, c0, m, dst, d0, 0); break;
+    case 1: entries_avx2_n(t, blk, c0, m, dst, d0, 1); break;
+    case 2: entries_avx2_n(t, blk, c0, m, dst, d0, 2); break;
+    case 3: entries_avx2_n(t, blk, c0, m, dst, d0, 3); break;
+    case 4: entries_avx2_n(t, blk, c0, m, dst, d0, 4); break;
+    }
+}
+
+/* whether entries_avx2 may do [c0, c0 + m) of block blk */
+static int avx2_ok(const struct task *t, int64_t blk, int64_t c0, int m) {
+    int64_t end = c0 + (m + 7) / 8 * 8;
+    if (t->portable || t->work64 || t->nvec > MAXVEC || !VEC_DTYPE(t->bdt) || !VEC_DTYPE(t->odt) || end > t->count) return 0;
+    if (!t->touched && m % 8) return 0;
+    for (int j = 0; j < t->nvec; j++) {
+        if (!VEC_DTYPE(t->vdt[j])) return 0;
+        if ((t->bits[j] ? t->starts[j][blk + 1] + 8 : end) > t->nvalues[j]) return 0;
+        if (t->bits[j] && (end >> 3) >= (t->count + 7) / 8) return 0; /* two bytes of bits read at a time */
+    }
+    return 1;
 }
 #endif
 
@@ -188,7 +261,155 @@ void swap_init(void) {
 #endif
 }
 
-/* combine: out[i] = base[i] + sum_j c_j * v_j[i] at `count` touched entries.
+/* The touched entries [c0, c0 + m) of a task into buf (the output dtype), portable C. */
+static void entries_c(const struct task *t, int64_t blk, int64_t c0, int m, void *buf) {
+    float b32[BLOCK], a32[BLOCK], v32[BLOCK];
+    double b64[BLOCK], a64[BLOCK], v64[BLOCK];
+    int32_t where[BLOCK + 8];
+    int64_t nb = (t->count + 7) / 8;
+    int w = t->work64;
+    if (w) widen_f64(b64, t->base, t->bdt, c0, m); else widen_f32(b32, t->base, t->bdt, c0, m);
+    if (w) memcpy(a64, b64, m * 8); else memcpy(a32, b32, m * 4);
+    for (int j = 0; j < t->nvec; j++) {
+        const int32_t *idx = t->bits[j] ? where : 0;
+        int n = idx ? places(t->bits[j], nb, c0, m, where) : m;
+        int64_t at = idx ? t->starts[j][blk] : c0;
+        int re = t->recompute[j], sc = t->has_scale[j];
+        if (w) {
+            widen_f64(v64, t->values[j], t->vdt[j], at, n);
+            double s = t->scale[j], c = t->coef[j];
+            for (int k = 0; k < n; k++) {
+                int i = idx ? idx[k] : k;
+                double v = v64[k];
+                if (re) { v = v - b64[i]; if (sc) v = v * s; }
+                a64[i] = a64[i] + v * c;
+            }
+        } else {
+            widen_f32(v32, t->values[j], t->vdt[j], at, n);
+            float s = (float)t->scale[j], c = (float)t->coef[j];
+            if (!idx) {
+                if (!re) for (int k = 0; k < n; k++) a32[k] = a32[k] + v32[k] * c;
+                else if (!sc) for (int k = 0; k < n; k++) a32[k] = a32[k] + (v32[k] - b32[k]) * c;
+                else for (int k = 0; k < n; k++) a32[k] = a32[k] + ((v32[k] - b32[k]) * s) * c;
+            } else {
+                if (!re) for (int k = 0; k < n; k++) a32[idx[k]] = a32[idx[k]] + v32[k] * c;
+                else if (!sc) for (int k = 0; k < n; k++) a32[idx[k]] = a32[idx[k]] + (v32[k] - b32[idx[k]]) * c;
+                else for (int k = 0; k < n; k++) a32[idx[k]] = a32[idx[k]] + ((v32[k] - b32[idx[k]]) * s) * c;
+            }
+        }
+    }
+    store(buf, t->odt, 0, w ? a64 : 0, a32, m);
+}
+
+/* out[lo + i] = merged[at + rank of i among the set bits] for the set bits i of touched's
+ * block [lo, lo + n) (m of them; merged holds at least 8 more entries past them when wide) */
+static void scatter_block(const uint8_t *touched, int64_t lo, int n, int m, const void *merged, int64_t at,
+                          int wide, void *out, int elsize, int portable) {
+    int32_t where[BLOCK + 8];
+#ifdef __AVX2__
+    if (!portable && wide && (elsize == 2 || elsize == 4) && n % 8 == 0) {
+        for (int i = 0; i < n; i += 8) { /* the next 8 merged values moved into their lanes */
+            unsigned byte = touched[(lo + i) / 8];
+            if (!byte) continue;
+            if (elsize == 2) {
+                uint16_t *o = (uint16_t *)out + lo + i;
+                __m128i x = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)((const uint16_t *)merged + at)),
+                                             _mm_load_si128((const __m128i *)SHUF16[byte]));
+                _mm_storeu_si128((__m128i *)o, _mm_blendv_epi8(_mm_loadu_si128((const __m128i *)o), x,
+                                                               _mm_load_si128((const __m128i *)MASK16[byte])));
+            } else {
+                float *o = (float *)out + lo + i;
+                __m256 x = _mm256_permutevar8x32_ps(_mm256_loadu_ps((const float *)merged + at),
+                                                    _mm256_load_si256((const __m256i *)PERM[byte]));
+                _mm256_storeu_ps(o, _mm256_blendv_ps(_mm256_loadu_ps(o), x, _mm256_load_ps((const float *)MASK[byte])));
+            }
+            at += __builtin_popcount(byte);
+        }
+        return;
+    }
+#endif
+    places(touched, (lo + n + 7) / 8, lo, n, where);
+    if (elsize == 2)
+        for (int k = 0; k < m; k++) ((uint16_t *)out)[lo + where[k]] = ((const uint16_t *)merged)[at + k];
+    else if (elsize == 4)
+        for (int k = 0; k < m; k++) ((uint32_t *)out)[lo + where[k]] = ((const uint32_t *)merged)[at + k];
+    else
+        for (int k = 0; k < m; k++) ((uint64_t *)out)[lo + where[k]] = ((const uint64_t *)merged)[at + k];
+}
+
+/* scatter: out[i] = merged[rank of i among the set bits] where bit i of `touched` is set;
+ * elsize: bytes per entry (out and merged share the dtype); starts: swap_starts of touched */
+void swap_scatter(int64_t numel, const uint8_t *touched, const void *merged, void *out, int elsize,
+                  const int64_t *starts, int64_t first, int64_t last) {
+    int64_t total = starts[(numel + BLOCK - 1) / BLOCK];
+    for (int64_t blk = first; blk < last; blk++) {
+        int64_t lo = blk * BLOCK;
+        int n = numel - lo < BLOCK ? (int)(numel - lo) : BLOCK;
+        scatter_block(touched, lo, n, (int)(starts[blk + 1] - starts[blk]), merged, starts[blk],
+                      starts[blk + 1] + 8 <= total, out, elsize, 0);
+    }
+}
+
+/* apply: the merged values written into t->out at its touched entries, blocks [first, last) */
+void swap_apply(const struct task *t, int64_t first, int64_t last) {
+    _Alignas(32) char buf[(BLOCK + 8) * 8];
+    int es = SIZE[t->odt];
+    for (int64_t blk = first; blk < last; blk++) {
+        int64_t lo = blk * BLOCK, c0 = t->touched ? t->tstarts[blk] : lo;
+        int n = t->numel - lo < BLOCK ? (int)(t->numel - lo) : BLOCK;
+        int m = t->touched ? (int)(t->tstarts[blk + 1] - c0) : n;
+        if (!m) continue;
+#ifdef __AVX2__
+        if (avx2_ok(t, blk, c0, m)) {
+            if (!t->touched) { entries_avx2(t, blk, c0, m, t->out, c0); continue; }
+            entries_avx2(t, blk, c0, m, buf, 0);
+        } else
+#endif
+            entries_c(t, blk, c0, m, buf);
+        if (t->touched)
+            scatter_block(t->touched, lo, n, m, buf, 0, 1, t->out, es, t->portable);
+        else
+            memcpy((char *)t->out + lo * es, buf, (size_t)m * es);
+    }
+}
+
+/* blocks [first, last) of a swap over several tasks, numbered across them (task i: [edges[i], edges[i + 1])) */
+struct span {
+    const struct task *const *tasks;
+    const int64_t *edges;
+    int ntasks;
+    int64_t first, last;
+};
+
+static void *run_span(void *arg) {
+    const struct span *s = arg;
+    for (int i = 0; i < s->ntasks; i++) {
+        int64_t a = s->first > s->edges[i] ? s->first : s->edges[i];
+        int64_t b = s->last < s->edges[i + 1] ? s->last : s->edges[i + 1];
+        if (a < b) swap_apply(s->tasks[i], a - s->edges[i], b - s->edges[i]);
+    }
+    return 0;
+}
+
+/* apply_all: swap_apply on every block of ntasks tasks, split into `threads` equal runs
+ * of blocks (the caller's thread takes the first) */
+void swap_apply_all(const struct task *const *tasks, const int64_t *edges, int ntasks, int threads) {
+    struct span spans[threads > 0 ? threads : 1];
+    pthread_t ids[threads > 0 ? threads : 1];
+    int started[threads > 0 ? threads : 1];
+    int64_t total = edges[ntasks];
+    for (int k = 0; k < threads; k++) {
+        spans[k] = (struct span){tasks, edges, ntasks, total * k / threads, total * (k + 1) / threads};
+        started[k] = k > 0 && pthread_create(&ids[k], 0, run_span, &spans[k]) == 0;
+    }
+    for (int k = 0; k < threads; k++)
+        if (!started[k]) run_span(&spans[k]); /* the first run, and any whose thread did not start */
+    for (int k = 1; k < threads; k++)
+        if (started[k]) pthread_join(ids[k], 0);
+}
+
+/* combine: out[k] = base[k] + sum_j c_j * v_j[k] for the `count` touched entries
+ * themselves (the compact merged values; swap_apply with every entry touched).
  * Per vector j: bits[j] (NULL: every entry), values[j] (dtype vdt[j]), recompute[j]
  * (v = (values - base) [* scale[j] when has_scale[j]]; else v = values), coef[j].
  * work64: float64 work (a float64 merge). starts: per vector, swap_starts of its bits
@@ -196,115 +417,11 @@ void swap_init(void) {
 void swap_combine(int64_t count, const void *base, int bdt, void *out, int odt, int nvec,
                   const uint8_t *const *bits, const void *const *values, const int *vdt,
                   const int *recompute, const int *has_scale, const double *scale, const double *coef,
-                  const int64_t *nvalues, int work64, const int64_t *starts, int64_t first, int64_t last) {
-    int64_t nblocks = (count + BLOCK - 1) / BLOCK;
-#ifdef __AVX2__
-    int direct_ok = VEC_DTYPE(bdt) && VEC_DTYPE(odt);
-    for (int j = 0; j < nvec; j++) direct_ok &= VEC_DTYPE(vdt[j]);
-#endif
-    for (int64_t blk = first; blk < last; blk++) {
-        float b32[BLOCK + 8], a32[BLOCK + 8], v32[BLOCK];
-        double b64[BLOCK], a64[BLOCK], v64[BLOCK];
-        int32_t where[BLOCK];
-        int64_t lo = blk * BLOCK;
-        int n = count - lo < BLOCK ? (int)(count - lo) : BLOCK;
-#ifdef __AVX2__
-        if (!work64 && nvec <= MAXVEC && direct_ok && n % 8 == 0) {
-            int64_t at[MAXVEC];
-            float sf[MAXVEC], cf[MAXVEC];
-            int ok = 1;
-            for (int j = 0; j < nvec; j++) {
-                at[j] = bits[j] ? starts[j * (nblocks + 1) + blk] : lo;
-                int64_t last = bits[j] ? starts[j * (nblocks + 1) + blk + 1] : lo + n;
-                ok &= last + 8 <= nvalues[j];
-                sf[j] = (float)scale[j];
-                cf[j] = (float)coef[j];
-            }
-            if (ok) {
-                block_direct(n, lo, base, bdt, out, odt, nvec, bits, values, vdt, at, recompute, has_scale, sf, cf);
-                continue;
-            }
-        }
-#endif
-        if (work64) widen_f64(b64, base, bdt, lo, n); else widen_f32(b32, base, bdt, lo, n);
-        if (work64) memcpy(a64, b64, n * 8); else memcpy(a32, b32, n * 4);
-        for (int j = 0; j < nvec; j++) {
-            int m = n;
-            int64_t at = lo;
-            if (bits[j]) {
-                m = block_places(bits[j], lo, n, where);
-                at = starts[j * (nblocks + 1) + blk];
-            }
-            const int32_t *idx = bits[j] ? where : 0;
-            if (work64) {
-                widen_f64(v64, values[j], vdt[j], at, m);
-                double s = scale[j], c = coef[j];
-                for (int k = 0; k < m; k++) {
-                    int i = idx ? idx[k] : k;
-                    double t = v64[k];
-                    if (recompute[j]) { t = t - b64[i]; if (has_scale[j]) t = t * s; }
-                    a64[i] = a64[i] + t * c;
-                }
-            } else {
-                widen_f32(v32, values[j], vdt[j], at, m);
-                float s = (float)scale[j], c = (float)coef[j];
-                if (!idx) {
-                    if (!recompute[j]) for (int k = 0; k < m; k++) a32[k] = a32[k] + v32[k] * c;
-                    else if (!has_scale[j]) for (int k = 0; k < m; k++) a32[k] = a32[k] + (v32[k] - b32[k]) * c;
-                    else for (int k = 0; k < m; k++) a32[k] = a32[k] + ((v32[k] - b32[k]) * s) * c;
-                } else {
-                    if (!recompute[j]) for (int k = 0; k < m; k++) a32[idx[k]] = a32[idx[k]] + v32[k] * c;
-                    else if (!has_scale[j])
-                        for (int k = 0; k < m; k++) a32[idx[k]] = a32[idx[k]] + (v32[k] - b32[idx[k]]) * c;
-                    else for (int k = 0; k < m; k++) a32[idx[k]] = a32[idx[k]] + ((v32[k] - b32[idx[k]]) * s) * c;
-                }
-            }
-        }
-        store(out, odt, lo, work64 ? a64 : 0, a32, n);
-    }
-}
-
-/* scatter: out[i] = merged[rank of i among the set bits] where bit i of `touched` is set;
- * elsize: bytes per entry (out and merged share the dtype) */
-void swap_scatter(int64_t numel, const uint8_t *touched, const void *merged, void *out, int elsize,
-                  const int64_t *starts, int64_t first, int64_t last) {
-    for (int64_t blk = first; blk < last; blk++) {
-        int32_t where[BLOCK];
-        int64_t lo = blk * BLOCK;
-        int n = numel - lo < BLOCK ? (int)(numel - lo) : BLOCK;
-        int64_t at = starts[blk];
-#ifdef __AVX2__
-        int64_t end = starts[blk + 1], total = starts[(numel + BLOCK - 1) / BLOCK];
-        if ((elsize == 2 || elsize == 4) && end + 8 <= total && n % 8 == 0) {
-            for (int i = 0; i < n; i += 8) { /* the next 8 merged values moved into their lanes */
-                unsigned byte = touched[(lo + i) / 8];
-                __m256i perm = _mm256_loadu_si256((const __m256i *)PERM[byte]);
-                __m256i keep = _mm256_loadu_si256((const __m256i *)MASK[byte]);
-                if (elsize == 2) {
-                    uint16_t *o = (uint16_t *)out + lo + i;
-                    __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)merged + at)));
-                    __m256i y = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)o));
-                    y = _mm256_blendv_epi8(y, _mm256_permutevar8x32_epi32(x, perm), keep);
-                    y = _mm256_permute4x64_epi64(_mm256_packus_epi32(y, y), 0x08);
-                    _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(y));
-                } else {
-                    uint32_t *o = (uint32_t *)out + lo + i;
-                    __m256i x = _mm256_loadu_si256((const __m256i *)((const uint32_t *)merged + at));
-                    __m256i y = _mm256_blendv_epi8(_mm256_loadu_si256((const __m256i *)o),
-                                                   _mm256_permutevar8x32_epi32(x, perm), keep);
-                    _mm256_storeu_si256((__m256i *)o, y);
-                }
-                at += __builtin_popcount(byte);
-            }
-            continue;
-        }
-#endif
-        int m = block_places(touched, lo, n, where);
-        if (elsize == 2)
-            for (int k = 0; k < m; k++) ((uint16_t *)out)[lo + where[k]] = ((const uint16_t *)merged)[at + k];
-        else if (elsize == 4)
-            for (int k = 0; k < m; k++) ((uint32_t *)out)[lo + where[k]] = ((const uint32_t *)merged)[at + k];
-        else
-            for (int k = 0; k < m; k++) ((uint64_t *)out)[lo + where[k]] = ((const uint64_t *)merged)[at + k];
-    }
+                  const int64_t *nvalues, int work64, int portable, const int64_t *starts, int64_t first,
+                  int64_t last) {
+    const int64_t *rows[nvec > 0 ? nvec : 1];
+    for (int j = 0; j < nvec; j++) rows[j] = starts + j * ((count + BLOCK - 1) / BLOCK + 1);
+    struct task t = {0, 0, base, out, bits, rows, values, vdt, recompute, has_scale, nvalues, scale, coef,
+                     count, count, bdt, odt, work64, portable, nvec};
+    swap_apply(&t, first, last);
 }

@@ -190,8 +190,9 @@ class HotSwapWorkerExtension:
             if state.reload:
                 reload_seconds = self._hs_reload(state, values)
             t_inplace = time.perf_counter()
-            for entry in state.inplace:
-                entry.swap(values)
+            from vllm_plugins.stores import swap_all
+
+            swap_all(state.inplace, values)  # one C call for every CPU tensor
             inplace_seconds = time.perf_counter() - t_inplace
         if not state.reload:  # (reload_weights resets them itself)
             for reset in ("reset_encoder_cache", "reset_mm_cache"):

@@ -114,9 +114,11 @@ def test_sar_and_interpolation_on_a_device_equal_the_cpu(device, fisher):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_cpu_swap_kernel_writes_combines_bits(dtype, monkeypatch):
-    """vllm_plugins.cpu_kernel (the C loop the CPU swap runs) against combine and
-    against torch's index ops, on every vector kind: signed zeros, subnormals, ties,
-    an empty support, several blocks and a length that is no multiple of 8."""
+    """vllm_plugins.cpu_kernel (the C loop the CPU swap runs: its AVX2 part and its
+    portable one) against combine and against torch's index ops, on every vector kind:
+    signed zeros, subnormals, ties, an empty support, several blocks and a length that
+    is no multiple of 8; the swap in place (packed.apply) writes the touched entries
+    only, cast to the live tensor's dtype as mergekit's saved dtype would be."""
     from mergekit_rlvr.methods.common import RecomputedVector
     from vllm_plugins import cpu_kernel, packed
 
@@ -139,19 +141,39 @@ def test_cpu_swap_kernel_writes_combines_bits(dtype, monkeypatch):
                MaskedVector(masks[1], explicit), RecomputedVector(models[2]), RecomputedVector(models[1], masks[2], 2.0),
                explicit * 0.5]  # dense: every entry touched
     sparse = [RecomputedVector(models[0], masks[0], 1.1), MaskedVector(masks[1] & ~masks[0], explicit)]
-    for vs in (vectors, sparse):
+    few = [vectors[0], vectors[2], vectors[5]]  # every entry touched, at most 4 vectors: the AVX2 loop writes out
+    for vs in (vectors, few, sparse):
         store = packed.pack(base, vs)
-        assert (store.touched is None) == (vs is vectors)
+        assert (store.touched is None) == (vs is not sparse)
         for coefficients in ([0.7, 1.3, 2.0, -0.5, 1.0, 0.3], [0.0] * 6, [-1.0, 3.0, 0.1, 1e-8, 7.0, -2.0], [3e38, 1e-45] * 3):
             c = coefficients[: len(vs)]
             want = combine(base, vs, c, out_dtype=dtype)
-            got = {}
-            for mode in ("1", "0"):
+            touched = torch.ones(n, dtype=torch.bool) if store.touched is None else store.touched_mask()
+            for mode in ("1", "portable", "0"):
                 monkeypatch.setenv("MERGEKIT_RLVR_SWAP_KERNEL", mode)
-                assert cpu_kernel.wanted(store.base, store.count) == (mode == "1")
-                got[mode] = packed.merge_dense(store, c, base)
-            same_bits(got["1"], want)
-            same_bits(got["0"], want)
+                assert cpu_kernel.wanted(store.base, store.count) == (mode != "0")
+                same_bits(packed.merge_dense(store, c, base), want)
+                same_bits(packed.combine_packed(store, c), want[touched])
+                for via, live in ((None, dtype), (dtype, torch.bfloat16), (torch.float16, torch.float32)):
+                    out = torch.randn(n, generator=g, dtype=torch.float64).to(live)  # untouched: left as they are
+                    expect = out.clone()
+                    expect[touched] = (want if via is None else want.to(via)).to(live)[touched]
+                    same_bits(packed.apply(store, c, out, via=via), expect)
+    # every tensor of a swap in one call, split over threads across the tensors
+    monkeypatch.setattr(cpu_kernel, "SPLIT", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        stores = [packed.pack(base, vs) for vs in (vectors, sparse, sparse[:1])]
+        lives = [base.clone() for _ in stores]
+        for mode in ("1", "portable"):
+            monkeypatch.setenv("MERGEKIT_RLVR_SWAP_KERNEL", mode)
+            packed.apply_all([(s, [1.5, -0.25, 2.0, 0.5, 1.0, -1.0][: len(s.vectors)], live, None)
+                              for s, live in zip(stores, lives)])
+            for s, vs, live in zip(stores, (vectors, sparse, sparse[:1]), lives):
+                same_bits(live, combine(base, vs, [1.5, -0.25, 2.0, 0.5, 1.0, -1.0][: len(vs)], out_dtype=dtype))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.cuda
