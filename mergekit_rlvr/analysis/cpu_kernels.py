@@ -62,7 +62,10 @@ def _pointers(tensors) -> ctypes.Array:
 
 
 class CpuKernels:
-    """The pass kernels of :class:`.backend.TorchKernels`, natively on CPU tensors."""
+    """The pass kernels of :class:`.backend.TorchKernels`, natively on CPU tensors, in
+    ``threads`` threads of its own (``own_threads``: torch may run single-threaded meanwhile)."""
+
+    own_threads = True
 
     def __init__(self, lib: ctypes.CDLL, threads: Optional[int] = None):
         from mergekit_rlvr.analysis.backend import TorchKernels

@@ -118,9 +118,13 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
     total = sum(math.prod(todo.shapes[n]) for n in todo.names)
     run = Run(base, models, todo, list(model_args), total, where, select(where, compile, total), chunk_entries,
               progress)
+    threads = torch.get_num_threads()
+    if getattr(run.kernels, "own_threads", False):  # torch's few small ops: its idle OpenMP pool would spin
+        torch.set_num_threads(1)
     try:
         return _analyze(run, epsilon, eta, top, predict)
     finally:
+        torch.set_num_threads(threads)
         run.kernels.close()
 
 
