@@ -29,8 +29,11 @@ typedef struct {
     int64_t *const *hists;      /* [t * nm + m] (pass 1, 2, sample) or [t * npairs + p] (pass 3) */
     int64_t *ints;              /* [t * nints + k] */
     double *sums;               /* [t * nsums + k] */
-    const float *const *values; /* [nm] pass 3: sorted thresholds */
-    const int32_t *nvalues;     /* [nm] */
+    const float *const *values; /* [nm] pass 3: the distinct finite thresholds */
+    const int32_t *const *weights; /* [nm] how often each is among the model's thresholds */
+    const int32_t *ndistinct;   /* [nm] */
+    const int32_t *always;      /* [nm] thresholds every |Delta| passes (-inf) */
+    const int32_t *nvalues;     /* [nm] thresholds (with repeats and infinities) */
     const int32_t *top_slots;   /* [nm] */
     int64_t dump;               /* pass 2: the key of entries outside every boundary bin */
 } an_args;
@@ -225,19 +228,22 @@ void an_keys(const an_args *a, int t, int64_t first, int64_t last) {
  * updated into up; the entries passing the --top threshold into *top */
 static void passed(const an_args *a, int k, int n, scratch *s, int64_t *top) {
     const float *d = s->d + (size_t)k * BLOCK, *values = a->values[k];
+    const int32_t *weights = a->weights[k];
     uint8_t *up = s->up + (size_t)k * BLOCK, *count = s->ch + (size_t)k * BLOCK;
     float *mag = s->m + (size_t)k * BLOCK; /* model32 is not needed in pass 3 */
     const float epsilon = a->epsilon;
-    int nv = a->nvalues[k], slot = a->top_slots[k];
+    const uint8_t always = (uint8_t)a->always[k];
+    int nv = a->ndistinct[k], slot = a->top_slots[k];
     int32_t kept = 0;
     for (int i = 0; i < n; i++) {
         mag[i] = fabsf(d[i]);
         up[i] = mag[i] > epsilon;
-        count[i] = 0;
+        count[i] = always;
     }
-    for (int v = 0; v < nv; v++) {
+    for (int v = 0; v < nv; v++) { /* a repeated threshold: one compare (|Delta| is finite here) */
         const float t = values[v];
-        for (int i = 0; i < n; i++) count[i] += mag[i] >= t;
+        const uint8_t w = (uint8_t)weights[v];
+        for (int i = 0; i < n; i++) count[i] += mag[i] >= t ? w : 0;
     }
     for (int i = 0; i < n; i++) kept += count[i] > slot;
     *top += kept;

@@ -37,7 +37,8 @@ class _Args(ctypes.Structure):  # an_args of cpu_kernels.c
                 ("epsilon", ctypes.c_float), ("eta", ctypes.c_float),
                 ("nints", ctypes.c_int32), ("nsums", ctypes.c_int32), ("tables", ctypes.POINTER(_c_p)),
                 ("hists", ctypes.POINTER(_c_p)), ("ints", _c_p), ("sums", _c_p), ("values", ctypes.POINTER(_c_p)),
-                ("nvalues", ctypes.POINTER(ctypes.c_int32)), ("top_slots", ctypes.POINTER(ctypes.c_int32)),
+                ("weights", ctypes.POINTER(_c_p)), ("ndistinct", ctypes.POINTER(ctypes.c_int32)),
+                ("always", ctypes.POINTER(ctypes.c_int32)), ("nvalues", ctypes.POINTER(ctypes.c_int32)), ("top_slots", ctypes.POINTER(ctypes.c_int32)),
                 ("dump", ctypes.c_int64)]
 
 
@@ -59,6 +60,14 @@ def _array(ctype, values):
 
 def _pointers(tensors) -> ctypes.Array:
     return _array(_c_p, [None if t is None else t.data_ptr() for t in tensors])
+
+
+def _distinct(values: torch.Tensor):
+    """(distinct finite thresholds, how often each occurs (int32), how many are -inf):
+    the pass 3 count of thresholds t <= |Delta| with one compare per distinct value."""
+    finite = values[torch.isfinite(values)].cpu()
+    unique, repeats = torch.unique(finite, return_counts=True)
+    return unique.to(torch.float32).contiguous(), repeats.to(torch.int32).contiguous(), int((values == -math.inf).sum())
 
 
 class CpuKernels:
@@ -174,12 +183,15 @@ class CpuKernels:
             return self.torch.pass3(ms, b, values, top_slots, epsilon, hists)
         threads = self._split(b.numel())
         a, ints, _, keep = self._args(ms, b, len(ms), 0, threads)
-        values = [v.contiguous() for v in values]
+        distinct = [_distinct(v) for v in values]
         a.epsilon = epsilon
-        a.values, a.nvalues = _pointers(values), _array(ctypes.c_int32, [v.numel() for v in values])
+        a.values, a.weights = _pointers([d[0] for d in distinct]), _pointers([d[1] for d in distinct])
+        a.ndistinct = _array(ctypes.c_int32, [d[0].numel() for d in distinct])
+        a.always = _array(ctypes.c_int32, [d[2] for d in distinct])
+        a.nvalues = _array(ctypes.c_int32, [v.numel() for v in values])
         a.top_slots, a.hists = _array(ctypes.c_int32, list(top_slots)), self._hists(hists, threads)
         self._run(self.lib.an_pass3, a, threads)
-        del keep, values
+        del keep, distinct
         return ints.sum(0).tolist()[:len(ms)]
 
     def close(self) -> None:

@@ -51,12 +51,12 @@ def refined_bins(ds, count=6):
 
 
 def thresholds(ds):
-    """Per model, 11 sorted thresholds: |Delta| values present (ties), 0, -inf, inf."""
+    """Per model, 12 sorted thresholds: |Delta| values present (ties), one of them twice, 0, -inf, inf."""
     out = []
     for d in ds:
         values = torch.unique(d.abs())
         picks = values[torch.linspace(0, values.numel() - 1, 8).long()].tolist()
-        out.append(torch.tensor(sorted(picks + [0.0, -float("inf"), float("inf")]), dtype=torch.float32))
+        out.append(torch.tensor(sorted(picks + [picks[3], 0.0, -float("inf"), float("inf")]), dtype=torch.float32))
     return out
 
 
