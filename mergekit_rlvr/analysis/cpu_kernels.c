@@ -11,6 +11,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #define BLOCK 1024
 #define COARSE_BINS 32768
@@ -36,6 +39,7 @@ typedef struct {
     const int32_t *nvalues;     /* [nm] thresholds (with repeats and infinities) */
     const int32_t *top_slots;   /* [nm] */
     int64_t dump;               /* pass 2: the key of entries outside every boundary bin */
+    const int64_t *sizes;       /* [nm] pass 1: histogram sizes; each histogram has 8 spare counters after */
 } an_args;
 
 static float f16_to_f32(uint16_t h) {
@@ -110,6 +114,42 @@ static void deltas(const an_args *a, int64_t i0, int n, scratch *s) {
  * product a non-zero float32 whose sign is the XOR of the signs. */
 static uint32_t opposite(float x, float y) { return (bits_of(x) ^ bits_of(y)) >> 31; }
 
+/* The histogram key of each |Delta|: its coarse bin, or in a refined bin (table >= 0)
+ * COARSE_BINS + the bin's first fine slot + the low 16 bits. Delta = 0 (the unchanged
+ * entries, most of a sparse update) counts into 8 rotating spare counters after the
+ * histogram instead (folded into its key by fold_spare): increments of one counter wait
+ * on each other. */
+#ifdef __AVX2__
+static int keys_avx2(const float *d, const int32_t *table, int32_t spare, int n, int32_t *keys) {
+    const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), low = _mm256_set1_epi32(0xFFFF);
+    const __m256i fine = _mm256_set1_epi32(COARSE_BINS), zero = _mm256_setzero_si256();
+    const __m256i spares = _mm256_add_epi32(_mm256_set1_epi32(spare), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i bits = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(d + i)), magnitude);
+        __m256i coarse = _mm256_srli_epi32(bits, 16);
+        __m256i offset = _mm256_i32gather_epi32(table, coarse, 4);
+        __m256i refined = _mm256_cmpgt_epi32(offset, _mm256_set1_epi32(-1));
+        __m256i key = _mm256_add_epi32(_mm256_add_epi32(fine, offset), _mm256_and_si256(bits, low));
+        key = _mm256_blendv_epi8(coarse, key, refined);
+        key = _mm256_blendv_epi8(key, spares, _mm256_cmpeq_epi32(bits, zero)); /* i is a multiple of 8 */
+        _mm256_storeu_si256((__m256i *)(keys + i), key);
+    }
+    return i;
+}
+#endif
+
+static void fold_spare(const an_args *a, int t) {
+    for (int k = 0; k < a->nm; k++) {
+        int64_t *hist = a->hists[t * a->nm + k], *spare = hist + a->sizes[k];
+        int32_t zero_offset = a->tables[k][0];
+        for (int l = 0; l < 8; l++) {
+            hist[zero_offset < 0 ? 0 : COARSE_BINS + (int64_t)zero_offset] += spare[l];
+            spare[l] = 0;
+        }
+    }
+}
+
 /* pass 1, one model: sum of squares, #updated, #changed, the |Delta| histogram */
 static void pass1_model(const an_args *a, int k, int n, scratch *s, int64_t *hist, int64_t *ints, double *sums) {
     const float *m = s->m + (size_t)k * BLOCK, *d = s->d + (size_t)k * BLOCK;
@@ -132,17 +172,19 @@ static void pass1_model(const an_args *a, int k, int n, scratch *s, int64_t *his
         v4d w = __builtin_convertvector(v, v4d);
         sq += w * w;
     }
-    int32_t *keys = (int32_t *)s->m + (size_t)k * BLOCK, j = 0; /* model32 is used up */
-    for (int i = 0; i < n; i++) { /* the keys of Delta != 0, compacted without branches: */
-        uint32_t bits = bits_of(fabsf(d[i])), coarse = bits >> 16;  /* unchanged entries (most */
-        int32_t offset = table[coarse];  /* of a sparse update) would make one counter's */
-        int32_t refined = ~(offset >> 31);  /* all ones when the bin is refined (offset >= 0) */
-        keys[j] = ((int32_t)coarse & ~refined) | ((COARSE_BINS + offset + (int32_t)(bits & 0xFFFFu)) & refined);
-        j += bits != 0;  /* increments wait on each other */
+    int32_t *keys = (int32_t *)s->m + (size_t)k * BLOCK; /* model32 is used up */
+    const int32_t spare = (int32_t)a->sizes[k];
+    int i = 0;
+#ifdef __AVX2__
+    i = keys_avx2(d, table, spare, n, keys);
+#endif
+    for (; i < n; i++) {
+        uint32_t bits = bits_of(fabsf(d[i])), coarse = bits >> 16;
+        int32_t offset = table[coarse];
+        int32_t key = offset < 0 ? (int32_t)coarse : COARSE_BINS + offset + (int32_t)(bits & 0xFFFFu);
+        keys[i] = bits ? key : spare + (i & 7);
     }
-    for (int i = 0; i < j; i++) hist[keys[i]]++;
-    int64_t zeros = n - j;
-    hist[table[0] < 0 ? 0 : COARSE_BINS + (int64_t)table[0]] += zeros;
+    for (i = 0; i < n; i++) hist[keys[i]]++;
     ints[2 * k] += nu;
     ints[2 * k + 1] += nc;
     sums[k] += lanes(sq);
@@ -197,6 +239,7 @@ void an_pass1(const an_args *a, int t, int64_t first, int64_t last) {
             for (int j = i + 1; j < a->nm; j++, pair++)
                 pass1_pair(i, j, n, &s, ints + 2 * a->nm + 3 * pair, sums + a->nm + 5 * pair);
     }
+    fold_spare(a, t);
     scratch_free(&s);
 }
 

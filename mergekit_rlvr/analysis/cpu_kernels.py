@@ -39,7 +39,7 @@ class _Args(ctypes.Structure):  # an_args of cpu_kernels.c
                 ("hists", ctypes.POINTER(_c_p)), ("ints", _c_p), ("sums", _c_p), ("values", ctypes.POINTER(_c_p)),
                 ("weights", ctypes.POINTER(_c_p)), ("ndistinct", ctypes.POINTER(ctypes.c_int32)),
                 ("always", ctypes.POINTER(ctypes.c_int32)), ("nvalues", ctypes.POINTER(ctypes.c_int32)), ("top_slots", ctypes.POINTER(ctypes.c_int32)),
-                ("dump", ctypes.c_int64)]
+                ("dump", ctypes.c_int64), ("sizes", ctypes.POINTER(ctypes.c_int64))]
 
 
 def enabled() -> bool:
@@ -103,19 +103,20 @@ class CpuKernels:
         a.ints, a.sums = ints.data_ptr(), sums.data_ptr()
         return a, ints, sums, keep
 
-    def _hists(self, targets: Sequence[Optional[torch.Tensor]], threads: int) -> ctypes.Array:
-        """[t * len(targets) + k]: thread 0 counts into the target, the others into copies."""
-        rows = [list(targets)]
-        for t in range(1, threads):
+    def _hists(self, targets: Sequence[Optional[torch.Tensor]], threads: int, spare: int = 0) -> ctypes.Array:
+        """[t * len(targets) + k]: thread 0 counts into the target, the others into copies
+        (all threads into copies with ``spare`` counters after the histogram)."""
+        rows = []
+        for t in range(threads):
             row = []
             for target in targets:
-                if target is None:
-                    row.append(None)
+                if target is None or (t == 0 and not spare):
+                    row.append(target)
                     continue
                 entry = self.copies.setdefault(target.data_ptr(), (target, []))
-                while len(entry[1]) < t:
-                    entry[1].append(torch.zeros_like(target))
-                row.append(entry[1][t - 1])
+                while len(entry[1]) < t + (1 if spare else 0):
+                    entry[1].append(torch.zeros(target.numel() + spare, dtype=target.dtype))
+                row.append(entry[1][t - (0 if spare else 1)])
             rows.append(row)
         return _pointers([h for row in rows for h in row])
 
@@ -137,7 +138,7 @@ class CpuKernels:
         """Add the per-thread histograms of the pass into their targets."""
         for target, copies in self.copies.values():
             for copy in copies:
-                target += copy
+                target += copy[:target.numel()]
         self.copies.clear()
 
     def sample(self, ms, b, counts: List[torch.Tensor]) -> None:
@@ -158,7 +159,8 @@ class CpuKernels:
         threads = self._split(b.numel())
         a, ints, sums, keep = self._args(ms, b, 2 * nm + 3 * npairs, nm + 5 * npairs, threads)
         a.epsilon, a.eta = epsilon, eta
-        a.tables, a.hists = _pointers(tables), self._hists(hists, threads)
+        a.tables, a.hists = _pointers(tables), self._hists(hists, threads, spare=8)
+        a.sizes = _array(ctypes.c_int64, [h.numel() for h in hists])
         self._run(self.lib.an_pass1, a, threads)
         del keep
         i, s = ints.sum(0).tolist(), sums.sum(0).tolist()
