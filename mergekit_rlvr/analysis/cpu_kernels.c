@@ -275,20 +275,21 @@ static void passed(const an_args *a, int k, int n, scratch *s, int64_t *top) {
     uint8_t *up = s->up + (size_t)k * BLOCK, *count = s->ch + (size_t)k * BLOCK;
     float *mag = s->m + (size_t)k * BLOCK; /* model32 is not needed in pass 3 */
     const float epsilon = a->epsilon;
-    const uint8_t always = (uint8_t)a->always[k];
+    const int32_t always = a->always[k];
     int nv = a->ndistinct[k], slot = a->top_slots[k];
-    int32_t kept = 0;
+    int32_t kept = 0, wide[BLOCK]; /* int32 counts: no packing to bytes per compare */
     for (int i = 0; i < n; i++) {
         mag[i] = fabsf(d[i]);
         up[i] = mag[i] > epsilon;
-        count[i] = always;
+        wide[i] = always;
     }
     for (int v = 0; v < nv; v++) { /* a repeated threshold: one compare (|Delta| is finite here) */
         const float t = values[v];
-        const uint8_t w = (uint8_t)weights[v];
-        for (int i = 0; i < n; i++) count[i] += mag[i] >= t ? w : 0;
+        const int32_t w = weights[v];
+        for (int i = 0; i < n; i++) wide[i] += -(int32_t)(mag[i] >= t) & w;
     }
-    for (int i = 0; i < n; i++) kept += count[i] > slot;
+    for (int i = 0; i < n; i++) count[i] = (uint8_t)wide[i];
+    for (int i = 0; i < n; i++) kept += wide[i] > slot;
     *top += kept;
 }
 
