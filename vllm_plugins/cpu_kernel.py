@@ -19,12 +19,8 @@ build fails, one warning is logged and the index ops are used.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -47,44 +43,16 @@ def wanted(t: torch.Tensor, count: int) -> bool:
     return _library() is not None
 
 
-def _cpu_key() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = ""
-    return flags
-
-
 def _library() -> Optional[ctypes.CDLL]:
-    if "lib" in _lib:
-        return _lib["lib"]
-    _lib["lib"] = None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    try:
-        if compiler is None:
-            raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
-        source = SOURCE.read_bytes()
-        key = hashlib.sha256(source + " ".join([compiler, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergekit-rlvr"
-        path = cache / f"swap_kernel-{key}.so"
-        if not path.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built under a temporary name, renamed at the end
-                built = Path(tmp) / "swap_kernel.so"
-                proc = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    errors = [line for line in proc.stderr.splitlines() if "error" in line] or [proc.stderr.strip()]
-                    raise RuntimeError(f"{compiler} failed: {errors[0]}")
-                os.replace(built, path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, RuntimeError) as error:
-        log.warning("hot-swap: CPU swap kernel unavailable (%s); using torch index ops", error)
-        return None
-    for name in ("swap_combine", "swap_scatter", "swap_starts", "swap_init"):
-        getattr(lib, name).restype = None
-    lib.swap_init()
-    _lib["lib"] = lib
-    return lib
+    if "lib" not in _lib:
+        from mergekit_rlvr import native
+
+        lib = native.load(SOURCE, ("swap_combine", "swap_scatter", "swap_starts", "swap_init"),
+                          "hot-swap: CPU swap kernel", "using torch index ops", FLAGS)
+        if lib is not None:
+            lib.swap_init()
+        _lib["lib"] = lib
+    return _lib["lib"]
 
 
 def fused(merge: torch.dtype, via: Optional[torch.dtype], out: torch.dtype) -> bool:

@@ -75,9 +75,9 @@ class VectorStats:
     kind_parameters: Dict[str, int] = field(default_factory=dict)
 
     def add(self, name: str, n: int, terms) -> None:
-        """``terms``: this model's entry of ``pass1_kernel``'s per-model list (its
-        histogram key is counted apart: ``histograms.Counting``)."""
-        norm, updated, changed, _ = terms
+        """``terms``: this model's (||Delta||, #updated, #changed) of the pass 1 kernels
+        (``backend``; its histogram is counted apart)."""
+        norm, updated, changed = terms[:3]
         s = float(norm) ** 2
         self.parameters += n
         self.sumsq += s
@@ -108,7 +108,7 @@ class PairStats:
     def add(self, name: str, n: int, terms, a, b) -> None:
         """``terms``: this pair's entry of ``pass1_kernel``; ``a``, ``b``: the two
         models' per-model entries."""
-        dot, overlap, conflict, changed_both, conflict_norm = (t.item() for t in terms[:5])
+        dot, overlap, conflict, changed_both, conflict_norm = terms[:5]
         d = float(dot)
         self.parameters += n
         self.dot += d
@@ -156,7 +156,7 @@ class TopModuleStats:
 class DensityConflictStats:
     """Pass 3 for a pair: joint histogram of (thresholds passed by a, by b) for
     entries updated in both, split by agreeing / opposite signs (``counts``: the
-    pair's ``pass3_kernel`` codes, counted by ``histograms.Counting``)."""
+    pair's ``pass3_kernel`` codes, counted by the pass 3 kernels of ``backend``)."""
 
     def __init__(self, slots_a: int, slots_b: int, device="cpu"):
         self.width = slots_b + 1

@@ -1,6 +1,6 @@
 """The driver of ``mergekit-rlvr analyze``: a row-sample pre-pass and two or three
 streaming passes over the checkpoints (``reader``), the kernels on a chosen device
-(``kernels``), the statistics (``stats``, ``histograms``, ``breakdown``) and the report
+(``backend``: native C loops on CPU, torch kernels elsewhere), the statistics (``stats``, ``histograms``, ``breakdown``) and the report
 dictionary (``assemble``).
 
 The sample (every 64th row slice of each tensor) predicts where the global top-k
@@ -26,12 +26,10 @@ from mergekit_rlvr.analysis import breakdown as B
 from mergekit_rlvr.analysis import histograms as H
 from mergekit_rlvr.analysis import stats as S
 from mergekit_rlvr.analysis.assemble import assemble
-from mergekit_rlvr.analysis.kernels import Kernels, sample_kernel
+from mergekit_rlvr.analysis.backend import COMPILE_FROM, select  # noqa: F401
 from mergekit_rlvr.analysis.reader import CHUNK_ENTRIES, Plan, Source, chunks, plan, prefetch, resolve, sample  # noqa: F401
 from mergekit_rlvr.errors import UserError
 
-#: parameters per model from which ``analyze`` fuses its kernels by default
-COMPILE_FROM = 50_000_000
 #: the pre-pass reads every SAMPLE_EVERY-th slice of SAMPLE_EVERY times smaller slices
 SAMPLE_EVERY = 64
 #: models of at most this many parameters are sampled whole (the prediction is then exact)
@@ -59,10 +57,9 @@ class Run:
     args: List[str]
     total: int
     device: torch.device
-    kernels: Kernels
+    kernels: object  # backend.TorchKernels or cpu_kernels.CpuKernels
     chunk_entries: int
     progress: bool
-    count: H.Counting
 
     def stream(self, desc: str):
         """(name, base chunk, [model chunks]) on the device, read one chunk ahead."""
@@ -106,9 +103,11 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
             top: float = 0.1, progress: bool = True, chunk_entries: int = CHUNK_ENTRIES,
             compile: Optional[bool] = None, device: str = "cpu", predict: bool = True) -> dict:
     """Run the passes and return the report dictionary (see ``assemble``).
-    ``compile``: fuse the per-chunk kernels with torch.compile (None: when the models
-    hold at least ``COMPILE_FROM`` analyzed parameters). ``device``: where the kernels
-    run (cpu, cuda, auto). ``predict``: the sample pre-pass (off: pass 2 always runs)."""
+    ``compile``: None (default): the native kernels on CPU, elsewhere the torch kernels
+    fused by torch.compile when the models hold ``COMPILE_FROM``+ parameters; True: the
+    torch kernels fused (on CPU too); False: never torch.compile (``backend.select``).
+    ``device``: where the kernels run (cpu, cuda, auto). ``predict``: the sample
+    pre-pass (off: pass 2 always runs)."""
     _validate(model_args, epsilon, eta, top)
     where = resolve_device(device)
     base = Source(base_arg)
@@ -117,14 +116,16 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
     if not todo.names:
         raise UserError(f"no tensor of {base_arg} is present with the same shape in every MODEL")
     total = sum(math.prod(todo.shapes[n]) for n in todo.names)
-    if compile is None:  # fusing pays off once the elementwise work outweighs compiling (~20-60 s)
-        compile = total >= COMPILE_FROM
-    run = Run(base, models, todo, list(model_args), total, where, Kernels(bool(compile)), chunk_entries, progress,
-              H.Counting(where))
+    run = Run(base, models, todo, list(model_args), total, where, select(where, compile, total), chunk_entries,
+              progress)
+    threads = torch.get_num_threads()
+    if getattr(run.kernels, "own_threads", False):  # torch's few small ops: its idle OpenMP pool would spin
+        torch.set_num_threads(1)
     try:
         return _analyze(run, epsilon, eta, top, predict)
     finally:
-        run.count.close()
+        torch.set_num_threads(threads)
+        run.kernels.close()
 
 
 def _analyze(run: Run, epsilon: float, eta: float, top: float, predict: bool) -> dict:
@@ -166,13 +167,12 @@ def _sample_bins(run: Run, densities: Sequence[float]) -> List[List[int]]:
     entries = 0
     every = SAMPLE_EVERY if run.total > SAMPLE_ALL_UP_TO else 1
     size = max(1, run.chunk_entries // every)
-    counts = torch.zeros(H.COARSE_BINS, dtype=torch.int64, device=run.device)
+    counts = [torch.zeros(H.COARSE_BINS, dtype=torch.int64, device=run.device) for _ in run.models]
     for name, b, ms, weight in prefetch(sample(run.todo, run.base, run.models, every, size)):
         b, ms = run.flat(b, ms)
-        for hist, keys in zip(sampled, sample_kernel(ms, b)):  # eager: 1/64 of the work
-            counts.zero_()
-            H.count_into(counts, keys)
-            hist += counts.to(torch.float64) * weight
+        run.kernels.sample(ms, b, counts)  # eager or native: 1/64 of the work
+        for hist, c in zip(sampled, counts):
+            hist += c.to(torch.float64) * weight
         entries += b.numel()
     return [H.predict_bins(h.cpu(), entries, run.total, densities) for h in sampled]
 
@@ -187,8 +187,8 @@ def _pass1(run: Run, refined: List[List[int]], epsilon: float, eta: float):
     cells = [B.VectorCells() for _ in run.models]
     pair_cells = {p: B.PairCells() for p in pairs}
     for name, b, ms in run.stream("analyze 1/3"):
-        per_model, per_pair = run.kernels("pass1", ms, b, tables, refined_bins, epsilon, eta)
-        run.count([(v.histogram.counts, terms[3]) for v, terms in zip(vectors, per_model)])
+        per_model, per_pair = run.kernels.pass1(ms, b, [v.histogram.counts for v in vectors], tables, refined_bins,
+                                                epsilon, eta)
         n = b.numel()
         for v, c, terms in zip(vectors, cells, per_model):
             v.add(name, n, terms)
@@ -199,6 +199,7 @@ def _pass1(run: Run, refined: List[List[int]], epsilon: float, eta: float):
         for (i, j), terms in zip(pairs, per_pair):
             pair_stats[(i, j)].add(name, n, terms, per_model[i], per_model[j])
             pair_cells[(i, j)].add(name, terms)
+    run.kernels.flush()
     return vectors, pair_stats, cells, pair_cells
 
 
@@ -213,7 +214,8 @@ def _thresholds(run: Run, vectors: List[S.VectorStats], densities: Sequence[floa
     if dump:
         tables = [f.offset_of for f in fines]
         for name, b, ms in run.stream("analyze 2/3"):
-            run.count([(f.counts, key) for f, key in zip(fines, run.kernels("pass2", ms, b, tables, dump)) if f.bins])
+            run.kernels.pass2(ms, b, [f.counts if f.bins else None for f in fines], tables, dump)
+        run.kernels.flush()
     out = []
     for bs, v, f in zip(boundaries, vectors, fines):
         fine = {c: v.histogram.fine(c) if c not in f.bins else f.of(c)
@@ -231,8 +233,8 @@ def _pass3(run: Run, thresholds: List[S.Thresholds], top: float, epsilon: float)
     values = [t.values for t in thresholds]
     top_slots = [t.index[top] for t in thresholds]
     for name, b, ms in run.stream("analyze 3/3"):
-        kept, codes = run.kernels("pass3", ms, b, values, top_slots, epsilon)
+        kept = run.kernels.pass3(ms, b, values, top_slots, epsilon, [conflicts[pair].counts for pair in pairs])
         for st, k in zip(tops, kept):
             st.add(name, k)
-        run.count([(conflicts[pair].counts, code) for pair, code in zip(pairs, codes)])
+    run.kernels.flush()
     return tops, conflicts

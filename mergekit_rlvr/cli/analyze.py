@@ -14,7 +14,8 @@ import click
               help="Changed-weight mask |Delta| > eta * max(|theta_model|, |theta_base|) for the Jaccard overlap.")
 @click.option("--top", default=0.1, show_default=True, type=float, help="Kept share for module_top_share (global top-k).")
 @click.option("--compile/--no-compile", "compile_", default=None,
-              help="Fuse the per-chunk kernels with torch.compile (default: for models of 50M+ parameters).")
+              help="Run the torch kernels fused by torch.compile (on CPU instead of the native C kernels, the "
+                   "default there; on CUDA the default from 50M parameters). --no-compile: never torch.compile.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]),
               help="Where the kernels run: cpu, cuda (a GPU; an error if none) or auto (cuda when present).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")

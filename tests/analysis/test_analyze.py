@@ -373,11 +373,34 @@ def test_device_option(hand):
         assert_close(on_gpu, analyze(p["base"], [p["a"], p["b"]], top=0.3, progress=False), rel=1e-5)
 
 
+def exact_parts(report, where=""):
+    """The report's integers and thresholds (which must not depend on the kernels)."""
+    if isinstance(report, dict):
+        return {k: exact_parts(v, f"{where}/{k}") for k, v in report.items()
+                if not isinstance(v, float) or "threshold" in where}
+    if isinstance(report, list):
+        return [exact_parts(v, where) for v in report if not isinstance(v, float)]
+    return report
+
+
+def test_native_kernels_and_torch_kernels_give_one_report(tmp_path, monkeypatch):
+    """MERGEKIT_RLVR_NATIVE=0 runs the torch kernels on CPU: every integer and threshold
+    equal, floats to the torch kernels' float32 summation order (1e-5)."""
+    base, models = random_models(tmp_path, torch.bfloat16)
+    paths = [models["sft"], models["rl"], models["rl2"]]
+    native = analyze(base, paths, progress=False, chunk_entries=700)
+    monkeypatch.setenv("MERGEKIT_RLVR_NATIVE", "0")
+    torch_kernels = analyze(base, paths, progress=False, chunk_entries=700)
+    assert exact_parts(native) == exact_parts(torch_kernels)
+    assert_close(native, torch_kernels, rel=1e-5)
+
+
 @pytest.mark.slow
-def test_compiled_kernels_match_eager(tmp_path):
+def test_compiled_kernels_match_eager(tmp_path, monkeypatch):
     """torch.compile fuses the same kernel source: counts equal, sums to float32 order."""
     base, models = random_models(tmp_path, torch.bfloat16)
     paths = [models["sft"], models["rl"], models["rl2"]]
+    monkeypatch.setenv("MERGEKIT_RLVR_NATIVE", "0")  # compile=False on CPU: the native kernels otherwise
     eager = analyze(base, paths, progress=False, chunk_entries=700, compile=False)
     fused = analyze(base, paths, progress=False, chunk_entries=700, compile=True)
     assert_close(fused, eager, rel=1e-5)
