@@ -40,11 +40,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergekit-rlvr"
 
 
+def _with_headers(source: Path) -> bytes:
+    """The source and the local headers it includes (``#include "x.h"``, beside it): what
+    the build depends on, so the cache key changes when any of them does."""
+    import re
+
+    text = source.read_bytes()
+    for name in re.findall(rb'^#include "([^"]+)"', text, flags=re.MULTILINE):
+        text += _with_headers(source.parent / name.decode())
+    return text
+
+
 def _build(source: Path, flags: Sequence[str]) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
-    text = source.read_bytes()
+    text = _with_headers(source)
     key = hashlib.sha256(text + " ".join([compiler, *flags, cpu_key()]).encode()).hexdigest()[:16]
     cache = cache_dir()
     path = cache / f"{source.stem}-{key}.so"

@@ -182,3 +182,17 @@ def test_native_switch_and_missing_compiler(monkeypatch, tmp_path, caplog):
     warnings = [r for r in caplog.records if "native CPU kernels unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "running the torch kernels" in warnings[0].getMessage()
     assert not list((tmp_path / "cache").glob("*.so"))
+
+
+def test_both_native_libraries_build_where_a_compiler_is_present():
+    """The C sources (with the local headers they include) compile here: the skips above
+    and in test_device_math only cover machines without a C compiler."""
+    import os
+    import shutil
+
+    from vllm_plugins import cpu_kernel
+
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler")
+    assert C.library() is not None
+    assert cpu_kernel._library() is not None
