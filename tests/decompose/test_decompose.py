@@ -256,7 +256,34 @@ def test_workers_take_the_drivers_prepass(tiny_family):
     assert worker._prepared and worker._context.thresholds == driver._context.thresholds
     for task in driver.tasks[:3]:
         assert torch.equal(packed_merge(worker, task).view(torch.int32), driver.merged(task).view(torch.int32))
-    assert decompose(table(tiny_family)["sar"]).prepared_state() is None  # Fisher stores: each process opens them
+
+
+
+def test_workers_take_sars_fisher_stores_as_their_paths(tiny_family, tmp_path):
+    """sar's pre-pass context is its Fisher stores: they pickle as their paths and the
+    adopting decomposition (a vLLM worker) reopens the same files; same merge, bit for bit."""
+    import os
+
+    from mergekit_rlvr.io.fisher import save_fisher
+
+    plain = decompose(table(tiny_family)["sar"])
+    g = torch.Generator().manual_seed(5)
+    files = {}
+    for name in ("rl", "rl2"):
+        values = {t.name: torch.rand(plain.base_info(t)[0], generator=g, dtype=torch.float64) + 0.1
+                  for t in plain.tasks}
+        files[name] = str(tmp_path / f"fisher-{name}.safetensors")
+        save_fisher(values, files[name])
+    recipe = table(tiny_family)["sar"]
+    for entry in recipe["models"]:
+        entry["parameters"] = {"fisher": files["rl" if entry["model"].endswith("rl") else "rl2"]}
+    driver = decompose(recipe)
+    worker = decompose(recipe)
+    worker.adopt(driver.prepared_state())
+    paths = sorted(os.path.abspath(store.path) for store in worker._context.values())
+    assert paths == sorted(files.values())
+    for task in driver.tasks[:3]:
+        assert torch.equal(packed_merge(worker, task).view(torch.int32), driver.merged(task).view(torch.int32))
 
 
 @pytest.mark.parametrize("scales", [(1.25, 1.25), (1.25, 0.5)])
