@@ -104,9 +104,30 @@ def squared_norms(tau: torch.Tensor, mask: torch.Tensor) -> Tuple[float, float]:
     tensor here."""
     if tau.device.type != "cpu":
         tau, mask = tau.cpu(), mask.cpu()
-    wide = tau.detach().reshape(-1).double()
+    wide = tau.detach().reshape(-1).to(torch.float64, copy=True)
     kept = wide[mask.reshape(-1)]
-    return float(torch.dot(wide, wide)), float(torch.dot(kept, kept))
+    return sum_of_squares(wide), sum_of_squares(kept)
+
+
+#: entries per row of :func:`sum_of_squares` (one thread sums a row: below torch's grain size)
+SUM_ROW = 1024
+
+
+def sum_of_squares(wide: torch.Tensor) -> float:
+    """sum(x^2) of a 1-D float64 tensor (squared in place), the same bits whatever torch's
+    thread count: ``torch.dot`` (BLAS) splits its sum over threads, so a gamma computed
+    by a 1-thread process would differ in its last bits from a 2-thread one (and the
+    served merge from ``mergekit-yaml``'s). Fixed rows of ``SUM_ROW`` entries are each
+    summed by one thread; the row sums are added exactly rounded (``math.fsum``)."""
+    n = wide.numel()
+    if n == 0:
+        return 0.0
+    wide.mul_(wide)  # exact: a float32/bfloat16 value's square fits float64
+    whole = n - n % SUM_ROW
+    parts = wide[:whole].view(-1, SUM_ROW).sum(dim=1).tolist() if whole else []
+    if whole < n:
+        parts.append(float(wide[whole:].sum()))
+    return math.fsum(parts)
 
 
 def masked(tau: torch.Tensor, threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -59,6 +59,24 @@ def test_selection_and_norms_do_not_depend_on_the_device(device):
     assert math.isclose(full, exact[0], rel_tol=1e-12) and math.isclose(kept, exact[1], rel_tol=1e-12)
 
 
+def test_norms_do_not_depend_on_torchs_thread_count():
+    """dots' gamma comes from these sums: a 1-thread process (a worker, a user's
+    OMP_NUM_THREADS) and a 2-thread one (mergekit-yaml) must agree bit for bit."""
+    big = (torch.randn(3_000_001, generator=torch.Generator().manual_seed(2)) * 0.01).to(torch.bfloat16)
+    mask = big.float().abs() >= 0.01
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for count in (1, 2, 1):
+            torch.set_num_threads(count)
+            got.append(squared_norms(big.float(), mask))
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0] == got[1] == got[2]
+    sample = big[:100_000].double()
+    assert squared_norms(sample.float(), torch.ones(100_000, dtype=torch.bool))[0] == math.fsum((sample ** 2).tolist())
+
+
 @pytest.mark.parametrize("rescale", ["global", "tensor", "none"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_dots_vector_and_combine_on_a_device_equal_the_cpu(device, rescale):
