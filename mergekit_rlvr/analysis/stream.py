@@ -15,6 +15,7 @@ merge itself keeps the top k per tensor.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 from dataclasses import dataclass
@@ -121,9 +122,13 @@ def analyze(base_arg: str, model_args: Sequence[str], epsilon: float = 1e-5, eta
     threads = torch.get_num_threads()
     if getattr(run.kernels, "own_threads", False):  # torch's few small ops: its idle OpenMP pool would spin
         torch.set_num_threads(1)
+    collecting = gc.isenabled()
+    gc.disable()  # the passes allocate few objects that form cycles; the collector only spent time
     try:
         return _analyze(run, epsilon, eta, top, predict)
     finally:
+        if collecting:
+            gc.enable()
         torch.set_num_threads(threads)
         run.kernels.close()
 
