@@ -171,9 +171,13 @@ class PreparedMergeMethod(GroupMergeMethod):
 
     # -- subclass interface -------------------------------------------------
     def prepare(self, triples: Iterator[Triple], parameters: Dict[str, Any]) -> Any:
-        for _ in triples:
-            pass
-        return None
+        """The whole-model pre-pass: ``swap_accumulator`` fed every triple (the stream
+        checks each input before anything is written). A method without an incremental
+        form (``swap_accumulator`` None) overrides this."""
+        accumulator = self.swap_accumulator(parameters)
+        for name, base, models in triples:
+            accumulator.add(name, base, models)
+        return accumulator.finish()
 
     def context_key(self, parameters: Dict[str, Any]) -> Hashable:
         return ()
@@ -204,8 +208,9 @@ class PreparedMergeMethod(GroupMergeMethod):
         ``swap_vectors`` on the tensors added so far with their final supports (only
         scalars such as dots' gamma still change: what the swap will hold is known),
         ``finish()`` gives ``swap_context``'s result. The driver then sizes the swap in
-        the pre-pass's own read. None (the default): no such form, a second read sizes it."""
-        return None
+        the pre-pass's own read. By default :class:`ChecksOnly` (the context is None);
+        None: no such form (``prepare`` is overridden), a second read sizes it."""
+        return ChecksOnly()
 
     def elementwise(self, context: Any, parameters: Dict[str, Any]) -> bool:
         """Whether ``swap_vectors`` on the same part of every input (a box of rows and

@@ -55,12 +55,9 @@ class DotsMerge(PreparedMergeMethod):
                 tuple(float(density[i]) for i in density))
 
     def prepare(self, triples, parameters):
-        accumulator = self.swap_accumulator(parameters)
-        if accumulator is None:  # sparsify: global
+        if check_sparsify(parameters.get("sparsify", "tensor")) == "global":  # no incremental form
             return dots_global_stats(triples, self._checked(parameters))
-        for name, base, models in triples:  # every input checked before anything is written
-            accumulator.add(name, base, models)
-        return accumulator.finish()
+        return super().prepare(triples, parameters)
 
     def swap_accumulator(self, parameters):
         """Per-tensor top p: the thresholds and norms tensor by tensor (``DotsStats.add``);

@@ -23,10 +23,6 @@ class ReasoningInterpMerge(PreparedMergeMethod):
         ),
     )
 
-    def prepare(self, triples, parameters):
-        check_alpha(parameters["alpha"])
-        return super().prepare(triples, parameters)
-
     def swap_accumulator(self, parameters):
         check_alpha(parameters["alpha"])
         return ChecksOnly()

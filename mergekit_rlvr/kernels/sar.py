@@ -49,12 +49,6 @@ class SarMerge(PreparedMergeMethod):
         fisher = parameters["fisher"]
         return tuple(fisher[i] for i in fisher)
 
-    def prepare(self, triples, parameters):
-        checks = _Checks(self._stores(parameters))
-        for name, base, models in triples:
-            checks.add(name, base, models)
-        return checks.finish()
-
     def swap_accumulator(self, parameters):
         """The Fisher stores are known before any tensor; each streamed tensor is
         checked against them."""
