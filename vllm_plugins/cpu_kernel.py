@@ -29,7 +29,6 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("swap_kernel.c")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}
 BLOCK = 2048  # entries per block (swap_kernel.c's BLOCK)
 SPLIT = 16  # a thread per 2^SPLIT touched entries at most
@@ -49,7 +48,7 @@ def _library() -> Optional[ctypes.CDLL]:
 
         lib = native.load(SOURCE, ("swap_combine", "swap_scatter", "swap_starts", "swap_init", "swap_apply",
                                    "swap_apply_all"),
-                          "hot-swap: CPU swap kernel", "using torch index ops", FLAGS)
+                          "hot-swap: CPU swap kernel", "using torch index ops")
         if lib is not None:
             lib.swap_init()
         _lib["lib"] = lib
@@ -235,10 +234,12 @@ def combine(p, coefficients: Sequence[float]) -> torch.Tensor:
     return out
 
 
-def scatter(touched: torch.Tensor, merged: torch.Tensor, flat: torch.Tensor) -> None:
-    """``flat`` (1-D, contiguous) with ``merged`` (its dtype) at the set bits of ``touched``."""
+def scatter(touched: torch.Tensor, merged: torch.Tensor, flat: torch.Tensor,
+            starts: Optional[torch.Tensor] = None) -> None:
+    """``flat`` (1-D, contiguous) with ``merged`` (its dtype) at the set bits of ``touched``;
+    ``starts``: their block starts where already known (``packed.Packed.starts``)."""
     lib = _library()
     merged, touched = merged.contiguous(), touched.contiguous()
-    starts = _starts(touched, flat.numel())
+    starts = _starts(touched, flat.numel()) if starts is None else starts.contiguous()
     _run(lib.swap_scatter, len(starts) - 1, _threads(flat.numel()), ctypes.c_int64(flat.numel()), _ptr(touched), _ptr(merged), _ptr(flat),
          ctypes.c_int(flat.element_size()), _ptr(starts))

@@ -274,7 +274,7 @@ def scatter(p: Packed, merged: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if p.touched is None:
         flat.copy_(merged)
     elif cpu_kernel.wanted(flat, p.count):
-        cpu_kernel.scatter(p.touched, merged.to(flat.dtype), flat)
+        cpu_kernel.scatter(p.touched, merged.to(flat.dtype), flat, p.starts)
     else:
         flat.masked_scatter_(p.touched_mask(), merged.to(flat.dtype))
     return out
