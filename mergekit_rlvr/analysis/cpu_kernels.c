@@ -73,12 +73,12 @@ static void pass1_model(const an_args *a, int k, int n, scratch *s, int64_t *his
         nu += up[i];
         nc += ch[i];
     }
-    v4d sq = {0};
+    v4d sq[2] = {{0}}; /* two chains: an add waits on the one before in its chain only */
     for (int i = 0; i < n; i += 4) { /* entries past n are zeros (deltas) */
         v4f v;
         memcpy(&v, d + i, sizeof v);
         v4d w = __builtin_convertvector(v, v4d);
-        sq += w * w;
+        sq[(i >> 2) & 1] += w * w;
     }
     int32_t *keys = (int32_t *)s->m + (size_t)k * BLOCK; /* model32 is used up */
     const int32_t spare = (int32_t)a->sizes[k];
@@ -95,7 +95,7 @@ static void pass1_model(const an_args *a, int k, int n, scratch *s, int64_t *his
     for (i = 0; i < n; i++) hist[keys[i]]++;
     ints[2 * k] += nu;
     ints[2 * k + 1] += nc;
-    sums[k] += lanes(sq);
+    sums[k] += lanes(sq[0]) + lanes(sq[1]);
 }
 
 /* pass 1, one pair: #co-updated, #conflicts, #changed in both; dot, ||min(product, 0)||^2,
@@ -120,12 +120,13 @@ static void pass1_pair(int i, int j, int n, scratch *s, int64_t *ints, double *s
         memcpy(&cb, ci + e, sizeof cb);
         memcpy(&cj4, cj + e, sizeof cj4);
         v4d dx = __builtin_convertvector(xf, v4d), dy = __builtin_convertvector(yf, v4d);
-        v4d dp = __builtin_convertvector(xf * yf, v4d), cc = __builtin_convertvector(cb & cj4, v4d);
+        v4d dp = __builtin_convertvector(xf * yf, v4d);
+        v4l cc = -__builtin_convertvector(cb & cj4, v4l); /* all ones where changed in both */
         acc[0] += dp;
         acc[1] += (v4d)((v4l)(dp * dp) & (v4l)(dp < 0.0));
-        acc[2] += cc * dp;
-        acc[3] += cc * (dx * dx);
-        acc[4] += cc * (dy * dy);
+        acc[2] += (v4d)((v4l)dp & cc);
+        acc[3] += (v4d)((v4l)(dx * dx) & cc);
+        acc[4] += (v4d)((v4l)(dy * dy) & cc);
     }
     ints[0] += both; ints[1] += conflict; ints[2] += changed;
     for (int k = 0; k < 5; k++) sums[k] += lanes(acc[k]);

@@ -2,9 +2,13 @@
 
 Models are resolved the way mergekit resolves them (``ModelReference`` for Hugging
 Face ids, ``ShardedTensorIndex`` for a local directory, sharded or not) and read as
-row slices of their safetensors files with ``pread`` (no mmap, so the resident
-memory is the chunks in flight, never a whole tensor or model). A background thread
-reads the next chunk while torch works on the current one.
+row slices of their safetensors files: each slice is its own read-only mapping of the
+file's pages (``MAP_POPULATE``: the pages are read and mapped when the slice is made,
+in the background thread), so the kernels read the page cache itself, with no copy,
+and the resident memory is the slices in flight, never a whole tensor or model (a
+slice's mapping goes with its last tensor). Where a file cannot be mapped the slice
+is read with ``pread`` instead. A background thread makes the next slices while the
+kernels work on the current one.
 
 Only tensors present in the base and in every MODEL with the same shape are
 analyzed (the others are listed under "skipped" with the reason), so every vector
@@ -15,7 +19,10 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
+import threading
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Sequence, Tuple
 
@@ -38,11 +45,12 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
 
 
 class SafetensorsFile:
-    """A safetensors file read with ``pread`` (no mmap): a row slice costs one read of
-    its bytes, and memory holds only what was read."""
+    """A safetensors file read in row slices: a read-only mapping of each slice's pages
+    (``pread`` where mapping fails); memory holds only the slices in use."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, mapped: bool = True):
         self.path = path
+        self.mapped = mapped  # False: every slice is read with pread (a copy of its bytes)
         self.fd = os.open(path, os.O_RDONLY)
         head = os.pread(self.fd, 8, 0)
         if len(head) != 8:
@@ -54,6 +62,10 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self.data_start = 8 + size
         self.entries = header
+        length = os.fstat(self.fd).st_size
+        for name, entry in header.items():  # a mapping past the end would crash on reading (SIGBUS)
+            if self.data_start + entry["data_offsets"][1] > length:
+                raise ValueError(f"tensor {name} ends past the end of the file ({length} bytes): truncated?")
 
     def __del__(self, _close=os.close):  # os may be gone at interpreter exit
         fd = getattr(self, "fd", None)
@@ -74,29 +86,62 @@ class SafetensorsFile:
         rows = shape[0] if shape else 1
         row_bytes = (end - begin) // max(rows, 1)
         count = (stop - start) * row_bytes
+        offset = self.data_start + begin + start * row_bytes
+        buffer = _mapped(self.fd, offset, count) if count and self.mapped else None
+        if buffer is None:
+            buffer = self._pread(name, offset, count)
+        out = buffer.view(dtype)
+        return out.reshape(shape) if not shape else out.reshape(stop - start, *shape[1:])
+
+    def _pread(self, name: str, offset: int, count: int) -> torch.Tensor:
         buffer = torch.empty(count, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
         got = 0
         while got < count:
-            n = os.preadv(self.fd, [view[got:]], self.data_start + begin + start * row_bytes + got)
+            n = os.preadv(self.fd, [view[got:]], offset + got)
             if n <= 0:
                 raise OSError(f"{self.path}: unexpected end of file in tensor {name}")
             got += n
-        out = buffer.view(dtype)
-        return out.reshape(shape) if not shape else out.reshape(stop - start, *shape[1:])
+        return buffer
+
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: read and map every page now
+_first_mapping = threading.Lock()
+_warned = False
+
+
+def _mapped(fd: int, offset: int, count: int):
+    """``count`` bytes of the file from ``offset`` as a uint8 tensor over a private
+    read-only mapping (no copy; unmapped when the tensor goes), or None where the file
+    cannot be mapped. Nothing writes to it: the kernels only read their inputs."""
+    global _warned
+    low = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        pages = mmap.mmap(fd, offset - low + count, flags=mmap.MAP_PRIVATE | _POPULATE, prot=mmap.PROT_READ,
+                          offset=low)
+    except (OSError, ValueError):
+        return None
+    if _warned:
+        return torch.frombuffer(pages, dtype=torch.uint8, offset=offset - low, count=count)
+    with _first_mapping, warnings.catch_warnings():  # torch warns once that the buffer is not writable
+        warnings.simplefilter("ignore", UserWarning)
+        _warned = True
+        return torch.frombuffer(pages, dtype=torch.uint8, offset=offset - low, count=count)
 
 
 class Source:
-    """One checkpoint: tensor name -> safetensors file, read in row slices."""
+    """One checkpoint: tensor name -> safetensors file, read in row slices (``mapped``:
+    see :class:`SafetensorsFile`)."""
 
-    def __init__(self, arg: str):
+    def __init__(self, arg: str, mapped: bool = True):
         self.arg = arg
         path = resolve(arg)
         try:
             from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
+            from safetensors import SafetensorError  # e.g. a truncated file
 
             index = ShardedTensorIndex.from_disk(path)
-        except (RuntimeError, OSError, ValueError, KeyError) as error:
+        except (RuntimeError, OSError, ValueError, KeyError, SafetensorError) as error:
             raise UserError(f"model {arg}: no readable checkpoint at {path} ({error})") from None
         if not index.is_safetensors:
             raise UserError(f"model {arg}: only safetensors checkpoints can be streamed (found pytorch .bin files)")
@@ -106,7 +151,7 @@ class Source:
             file = os.path.join(index.base_path, shard)
             if file not in self._files:
                 try:
-                    self._files[file] = SafetensorsFile(file)
+                    self._files[file] = SafetensorsFile(file, mapped)
                 except (OSError, ValueError) as error:
                     raise UserError(f"model {arg}: {file} is not a readable safetensors file: {error}") from None
             if name not in self._files[file].entries:
@@ -233,9 +278,8 @@ def sample(plan_: Plan, base: Source, models: Sequence[Source], every: int, chun
 
 def prefetch(iterator, depth: int = 2):
     """Run ``iterator`` in a background thread, ``depth`` items ahead: file reads
-    (``pread`` releases the GIL) overlap the torch work on the previous chunk."""
+    (``mmap`` and ``pread`` release the GIL) overlap the kernels' work on the previous chunk."""
     import queue
-    import threading
 
     items: "queue.Queue" = queue.Queue(maxsize=depth)
     done = object()

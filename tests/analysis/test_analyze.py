@@ -149,6 +149,20 @@ def test_chunking_does_not_change_the_report(hand):
     assert_close(small, large)
 
 
+def test_unmappable_files_are_read_with_pread_to_the_same_report(hand, monkeypatch):
+    import mmap
+
+    _, p = hand
+    mapped = analyze(p["base"], [p["a"], p["b"]], top=0.3, progress=False, chunk_entries=2)
+
+    def refuse(*args, **kwargs):
+        raise OSError("mapping refused")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    read = analyze(p["base"], [p["a"], p["b"]], top=0.3, progress=False, chunk_entries=2)
+    assert read == mapped
+
+
 def assert_close(got, want, where="report", rel=1e-6):
     """Equal structure; floats equal up to float32 summation order."""
     if isinstance(want, dict):
@@ -454,8 +468,11 @@ def test_bad_input_is_one_line_and_writes_nothing(hand, tmp_path, capsys):
     bad = {n: torch.ones(s) for n, s in SHAPES.items()}
     bad[UP] = torch.tensor([[1.0, float("nan"), 1.0, 1.0]])
     broken = write_model(tmp_path / "broken", bad)
-    for args, needle in (([broken], UP), ([p["a"], "--top", "0"], "--top"), ([p["a"], p["a"]], "twice"),
-                         ([p["a"], "--epsilon", "-1"], "--epsilon")):
+    short = write_model(tmp_path / "short", {n: torch.ones(s) for n, s in SHAPES.items()})
+    file = os.path.join(short, "model.safetensors")
+    os.truncate(file, os.path.getsize(file) - 2)  # its last tensor's data cut: mapped, it would crash the reader
+    for args, needle in (([broken], UP), ([short], "short"), ([p["a"], "--top", "0"], "--top"),
+                         ([p["a"], p["a"]], "twice"), ([p["a"], "--epsilon", "-1"], "--epsilon")):
         with pytest.raises(SystemExit) as done:
             main(["analyze", "--base", p["base"], *args, "--out", str(out), "--no-progress"])
         err = capsys.readouterr().err
