@@ -119,7 +119,7 @@ def _mapped(fd: int, offset: int, count: int):
     try:
         pages = mmap.mmap(fd, offset - low + count, flags=mmap.MAP_PRIVATE | _POPULATE, prot=mmap.PROT_READ,
                           offset=low)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError, AttributeError):  # (Windows: no MAP_PRIVATE, another signature)
         return None
     if _warned:
         return torch.frombuffer(pages, dtype=torch.uint8, offset=offset - low, count=count)
