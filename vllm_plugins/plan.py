@@ -25,7 +25,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 class ParamFacts:
     name: str  # vLLM parameter name
     checkpoints: Tuple[str, ...]  # checkpoint tensors its loaders copy from
-    plain: bool  # plain, contiguous, loading shape, equal to the base as loaded
+    plain: bool  # plain, contiguous, loading shape, equal to the base as loaded (False unchecked: see worker)
     slots: Tuple[Tuple[int, ...], ...]  # per checkpoint: its coefficients' indices
     derived_free: bool  # its module computes with it as loaded
 

@@ -93,11 +93,19 @@ class _Pending:
     recompute: List[bool] = field(default_factory=list)
 
 
-class Builder:
-    """Stored entries for a plan, fed one planned tensor at a time (``add``)."""
+class BaseMismatch(Exception):
+    """A parameter planned in place does not hold the base as its loaders put it."""
 
-    def __init__(self, plan, layout, live: Dict[str, torch.Tensor], device):
+
+class Builder:
+    """Stored entries for a plan, fed one planned tensor at a time (``add``).
+    ``check_base``: each in-place parameter is compared with the base replayed into its
+    layout from the tensors ``add`` is given (the base's single read) before anything
+    is written to it; :class:`BaseMismatch` where it differs."""
+
+    def __init__(self, plan, layout, live: Dict[str, torch.Tensor], device, check_base: bool = False):
         self.plan, self.layout, self.live, self.device = plan, layout, live, device
+        self.check_base = check_base
         self.inplace: List[InPlace] = []
         self.reload: List[Reload] = []
         self._pending: Dict[str, _Pending] = {}
@@ -171,8 +179,10 @@ class Builder:
                 vectors.append(RecomputedVector(entry.models[j], entry.masks[j], next(iter(entry.scales[j]))))
             else:  # fused tensors with different gammas (dots rescale: tensor), or sar's explicit delta
                 vectors.append(MaskedVector(entry.masks[j], entry.explicit[j]))
-        store = packed.pack(entry.base, vectors).to(self.device)
         param = self.live[pname]
+        if self.check_base and not torch.equal(entry.base.to(param.dtype), param.detach()):
+            raise BaseMismatch(f"parameter {pname} does not hold the base as vLLM's loaders put it")
+        store = packed.pack(entry.base, vectors).to(self.device)
         param.data.copy_(_save(entry.base, task.save_dtype))  # entries no vector changes: the base, once
         return InPlace(pname, param, store, task.save_dtype, list(task.slots))
 

@@ -48,6 +48,7 @@ import torch
 
 from vllm_plugins import rpc
 from vllm_plugins.rpc import decode_tensor, encode_tensor  # noqa: F401  (the contract's encoding)
+from vllm_plugins.stores import BaseMismatch
 
 LOG = logging.getLogger("vllm.mergekit_rlvr.hotswap")  # under vLLM's configured logger
 _RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
@@ -119,12 +120,19 @@ class HotSwapWorkerExtension:
             d.adopt(spec["prepared"])  # the driver read every checkpoint once already
         prepass = spec.get("prepared") is None
         d.prepare()
-        layout, plan, parts = self._hs_plan(d, spec.get("paths", "auto") == "reload")
+        force, offload = spec.get("paths", "auto") == "reload", bool(spec.get("offload", False))
+        try:  # the base check on the base the build reads anyway: one read of each checkpoint
+            layout, plan, parts = self._hs_plan(d, force, read_bases=False)
+            built = self._hs_build(d, layout, plan, parts, offload, check_base=True)
+        except BaseMismatch as error:  # a loader changed what it copied: plan after reading the bases
+            LOG.info("hot-swap: %s; checking every parameter before planning (the base is read twice)", error)
+            layout, plan, parts = self._hs_plan(d, force, read_bases=True)
+            built = self._hs_build(d, layout, plan, parts, offload)
         state = _State(method=d.method, names=names_as_written(d.coefficient_names, spec.get("aliases") or {}),
                        coefficients=list(d.coefficients), paths=dict(plan.paths),
                        layout_error=layout.error, layout_stray=layout.stray)
-        state.inplace, state.reload = self._hs_build(d, layout, plan, parts, bool(spec.get("offload", False)))
-        state.offload = bool(spec.get("offload", False))
+        state.inplace, state.reload = built
+        state.offload = offload
         state.reads = parts.reads(d, prepass)
         if self._hotswap is not None:
             state.version = self._hotswap.version
@@ -141,9 +149,10 @@ class HotSwapWorkerExtension:
         report["set"] = timing
         return report
 
-    def _hs_plan(self, d, force_reload: bool):
+    def _hs_plan(self, d, force_reload: bool, read_bases: bool):
         """Where vLLM's loaders put each checkpoint tensor (this rank's shard, fused),
-        the facts the planner needs, and its plan."""
+        the facts the planner needs, and its plan. ``read_bases``: the base check reads
+        the base here (else the build checks, on its own read)."""
         from vllm_plugins.layout import record_layout
         from vllm_plugins.plan import ParamFacts, plan_paths
 
@@ -160,12 +169,15 @@ class HotSwapWorkerExtension:
         facts = {}
         for pname, pl in layout.params.items():  # one parameter's bases at a time
             module = named.get(pname.rpartition(".")[0])
-            bases = {c: functools.partial(parts.base, d, tasks[c]) for c in pl.checkpoints}
-            facts[pname] = ParamFacts(pname, tuple(pl.checkpoints), _holds_base(live.get(pname), pl, bases),
-                                      tuple(slots[c] for c in pl.checkpoints), _no_derived_weights(module))
+            own_slots, derived_free = tuple(slots[c] for c in pl.checkpoints), _no_derived_weights(module)
+            # only where the parameter could go in place: elsewhere the check would not change the plan
+            bases = {c: functools.partial(parts.base, d, tasks[c]) for c in pl.checkpoints} if read_bases else None
+            plain = not force_reload and derived_free and len(set(own_slots)) == 1 and _holds_base(
+                live.get(pname), pl, bases)
+            facts[pname] = ParamFacts(pname, tuple(pl.checkpoints), plain, own_slots, derived_free)
         return layout, plan_paths(facts, d.tensor_names, force_reload), parts
 
-    def _hs_build(self, d, layout, plan, parts, offload: bool = False):
+    def _hs_build(self, d, layout, plan, parts, offload: bool = False, check_base: bool = False):
         from tqdm import tqdm
 
         from vllm_plugins.stores import Builder
@@ -173,7 +185,7 @@ class HotSwapWorkerExtension:
         model = self._hs_model()
         live = dict(model.named_parameters(remove_duplicate=False))
         device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
-        builder = Builder(plan, layout, live, "pinned" if offload else device)
+        builder = Builder(plan, layout, live, "pinned" if offload else device, check_base)
         with torch.no_grad():
             for task in tqdm(d.tasks, desc=f"{d.method}: vectors", leave=False):
                 base, sources = parts.sources(d, task)
@@ -254,14 +266,17 @@ class HotSwapWorkerExtension:
         return out
 
 
-def _holds_base(p: Optional[torch.Tensor], pl, bases: Dict[str, Any]) -> bool:
+def _holds_base(p: Optional[torch.Tensor], pl, bases: Optional[Dict[str, Any]]) -> bool:
     """The live parameter is a plain contiguous floating tensor of its loading shape
     holding exactly what the loaders put there from the base (``bases``: checkpoint
-    tensor -> a function reading it, called only when the cheap checks pass)."""
+    tensor -> a function reading it, called only when the cheap checks pass; None:
+    the cheap checks only, the build compares the values)."""
     if p is None or p.is_meta or not p.is_floating_point() or tuple(p.shape) != tuple(pl.shape):
         return False
     if not p.is_contiguous():
         return False
+    if bases is None:
+        return True
     expect = pl.replay({c: bases[c]() for c in pl.checkpoints}, p.detach().clone())
     return torch.equal(expect, p.detach())
 

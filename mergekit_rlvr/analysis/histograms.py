@@ -127,6 +127,7 @@ def predict_bins(sampled: torch.Tensor, sampled_entries: int, parameters: int,
     total = float(from_top[-1]) if from_top.numel() else 0.0
     scale = parameters / total if total > 0 else 0.0
     picked: Dict[int, float] = {}
+    seen = sampled > 0
     for density in densities:
         k = keep_count(parameters, density)
         if k <= 0 or k >= parameters or scale == 0.0:
@@ -138,10 +139,11 @@ def predict_bins(sampled: torch.Tensor, sampled_entries: int, parameters: int,
         first = int(torch.searchsorted(from_top, low))
         last = int(torch.searchsorted(from_top, high))
         centre = int(torch.searchsorted(from_top, torch.tensor([k / scale], dtype=torch.float64)))
-        for position in range(first, min(last, from_top.numel() - 1) + 1):
-            bin_ = sampled.numel() - 1 - position
-            if sampled[bin_] > 0 or position == centre:  # bins the sample never saw are unlikely
-                picked[bin_] = min(picked.get(bin_, math.inf), abs(position - centre))
+        positions = torch.arange(first, min(last, from_top.numel() - 1) + 1)
+        bins = sampled.numel() - 1 - positions
+        keep = seen[bins] | (positions == centre)  # bins the sample never saw are unlikely
+        for position, bin_ in zip(positions[keep].tolist(), bins[keep].tolist()):
+            picked[bin_] = min(picked.get(bin_, math.inf), abs(position - centre))
     return sorted(sorted(picked, key=lambda b: (picked[b], b))[:MAX_REFINED])
 
 

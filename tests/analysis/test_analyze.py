@@ -153,13 +153,13 @@ def test_unmappable_files_are_read_with_pread_to_the_same_report(hand, monkeypat
     import mmap
 
     _, p = hand
-    mapped = analyze(p["base"], [p["a"], p["b"]], top=0.3, progress=False, chunk_entries=2)
+    mapped = analyze(p["base"], [p["a"], p["b"]], top=0.3, progress=False)
 
     def refuse(*args, **kwargs):
         raise OSError("mapping refused")
 
     monkeypatch.setattr(mmap, "mmap", refuse)
-    read = analyze(p["base"], [p["a"], p["b"]], top=0.3, progress=False, chunk_entries=2)
+    read = analyze(p["base"], [p["a"], p["b"]], top=0.3, progress=False)
     assert read == mapped
 
 

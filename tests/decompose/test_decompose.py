@@ -5,6 +5,8 @@ values, writing coefficients back, and bad input."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -320,3 +322,37 @@ def test_fused_parameter_swapped_in_place_like_combine(scales):
         expect = torch.cat([combine(bases[n], [RecomputedVector(models[n], masks[n], s)], [c])
                             for n, s in zip(bases, scales)])
         assert torch.equal(live["qkv"].view(torch.int32), expect.view(torch.int32))
+
+
+def test_builder_checks_the_base_before_writing_a_parameter():
+    """check_base: an in-place parameter that does not hold the base replayed from the
+    tensors the build is given (a loader that transformed what it copied) raises
+    BaseMismatch before anything is written to it; without the check it is built."""
+    from types import SimpleNamespace
+
+    from mergekit_rlvr.methods.common import RecomputedVector
+    from vllm_plugins.layout import Copy, Layout, ParamLayout
+    from vllm_plugins.plan import ParamFacts, plan_paths
+    from vllm_plugins.stores import BaseMismatch, Builder
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(4, 8, generator=g)
+    model = base + 0.1 * torch.randn(base.shape, generator=g)
+    layout = Layout({"w": ParamLayout("w", (4, 8), [Copy("w", ((4, 8), (8, 1), 0), ((4, 8), (8, 1), 0))])})
+    plan = plan_paths({"w": ParamFacts("w", ("w",), True, ((0,),), True)}, ["w"])
+    task = SimpleNamespace(name="w", save_dtype=None, slots=[0])
+    vector = RecomputedVector(model, torch.rand(base.shape, generator=g) < 0.3, 1.0)
+    for off, check in ((False, True), (True, True), (True, False)):
+        live = {"w": base.clone()}
+        if off:
+            live["w"][2, 3] = torch.nextafter(live["w"][2, 3], torch.tensor(math.inf))
+        before = live["w"].clone()
+        builder = Builder(plan, layout, live, torch.device("cpu"), check_base=check)
+        if off and check:
+            with pytest.raises(BaseMismatch, match="parameter w"):
+                builder.add(task, base, [vector], lambda: None)
+            assert torch.equal(live["w"], before)
+            continue
+        builder.add(task, base, [vector], lambda: None)
+        (entry,) = builder.inplace
+        assert torch.equal(live["w"], base)  # the base written where no vector is (here: everywhere)

@@ -10,6 +10,7 @@ drift after 100 random swaps; invalid input changes nothing.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import random
 from pathlib import Path
@@ -213,9 +214,56 @@ def test_both_paths_give_the_same_weights(engine, setup):
     state = engine.state()[0]
     # on the CPU backend the norms are updated in place, linear layers through reload
     assert state["inplace"] and all("norm" in name for name in state["inplace"])
+    # one read of each checkpoint: the base check of the in-place parameters is done on the build's read
+    assert state["reads"]["bytes"] == state["reads"]["whole"] == _checkpoint_bytes(recipe), state["reads"]
     assert any("qkv_proj" in name and path == "reload" for name, path in state["paths"].items())
     assert_same_weights(engine.read_weights()[0], via_reload)
     assert run(engine) == outputs_reload
+
+
+def test_parameters_off_the_base_go_through_reload(engine, setup):
+    """The build checks each in-place parameter against the base it reads (one read);
+    where one differs (here: vLLM's own reload_weights put the sft model's weights in
+    the engine, and the swap's reset only rewrites the entries its vectors change) the
+    load plans again after reading the bases (the base read twice): those modules go
+    through reload, and the weights are the merge's all the same."""
+    recipe = str(setup["dots"][0])
+    engine.load_recipe(recipe, paths="reload")
+    expect, outputs = engine.read_weights()[0], run(engine)
+    engine.load_recipe(recipe)
+    inplace = set(engine.state()[0]["inplace"])
+    sft = yaml.safe_load(Path(recipe).read_text())["models"][0]["model"]
+    engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": sft})
+    engine.load_recipe(recipe)
+    state = engine.state()[0]
+    assert set(state["inplace"]) < inplace, (sorted(inplace), state["inplace"])
+    assert all(state["paths"][name] == "reload" for name in inplace - set(state["inplace"]))
+    # beyond one read of each checkpoint: the first build (stopped at the first mismatch), the plan's check
+    assert state["reads"]["bytes"] > _checkpoint_bytes(recipe) + _checkpoint_bytes(recipe, set(state["inplace"]))
+    assert_same_weights(engine.read_weights()[0], expect)
+    assert run(engine) == outputs
+
+
+def _checkpoint_bytes(recipe: str, base_only=None) -> int:
+    """The tensor bytes of the recipe's base and models (their safetensors files), or
+    of the base's tensors named in ``base_only``."""
+    from safetensors import safe_open
+
+    spec = yaml.safe_load(Path(recipe).read_text())
+    total = 0
+    models = [spec["base_model"]] + ([] if base_only is not None else [m["model"] for m in spec["models"]])
+    for model in models:
+        for file in Path(model).glob("*.safetensors"):
+            with safe_open(str(file), "pt") as f:
+                for name in f.keys():
+                    if base_only is not None and name not in base_only:
+                        continue
+                    sl = f.get_slice(name)
+                    total += math.prod(sl.get_shape()) * _ELEMENT_BYTES[sl.get_dtype()]
+    return total
+
+
+_ELEMENT_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}
 
 
 def test_dots_vectors_stored_compactly(engine, setup):
