@@ -73,19 +73,24 @@ def _build(source: Path, flags: Sequence[str]) -> Path:
 
 
 def load(source: Path, symbols: Sequence[str], what: str, fallback: str,
-         flags: Sequence[str] = FLAGS) -> Optional[ctypes.CDLL]:
+         flags: Sequence[str] = FLAGS, optional: Sequence[str] = ()) -> Optional[ctypes.CDLL]:
     """The compiled ``source`` (cached per process and on disk), its ``symbols``
-    returning void; None with one warning ``"<what> unavailable (<why>); <fallback>"``."""
-    key = f"{Path(source).resolve()} {' '.join(flags)}"
+    returning void; None with one warning ``"<what> unavailable (<why>); <fallback>"``.
+    ``optional``: flags tried first (``-fopenmp``), left out where the build with them fails."""
+    key = f"{Path(source).resolve()} {' '.join(flags)} {' '.join(optional)}"
     if key in _loaded:
         return _loaded[key]
     _loaded[key] = None
-    try:
-        lib = ctypes.CDLL(str(_build(Path(source), flags)))
-        for name in symbols:
-            getattr(lib, name).restype = None
-    except (OSError, RuntimeError, AttributeError) as error:
-        log.warning("%s unavailable (%s); %s", what, error, fallback)
+    for extra in ([tuple(optional)] if optional else []) + [()]:
+        try:
+            lib = ctypes.CDLL(str(_build(Path(source), (*flags, *extra))))
+            for name in symbols:
+                getattr(lib, name).restype = None
+            break
+        except (OSError, RuntimeError, AttributeError) as error:
+            why = error
+    else:
+        log.warning("%s unavailable (%s); %s", what, why, fallback)
         return None
     _loaded[key] = lib
     return lib

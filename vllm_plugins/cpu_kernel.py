@@ -10,7 +10,10 @@ with ``-ffp-contract=off`` and no fast-math, so the bits are the same (checked i
 
 It is compiled once per machine with the system C compiler (about a second; the
 library is cached under ``~/.cache/mergekit-rlvr``, keyed by the source, the flags and
-the CPU's features). ``MERGEKIT_RLVR_SWAP_KERNEL``: ``auto`` or ``1`` (default: every CPU
+the CPU's features), with OpenMP where the compiler has it: a swap's threads are then
+those of torch's own OpenMP pool (the process's one libgomp), which right after a torch
+op are still spinning on the cores (own threads had to wait for them: at two threads
+the swap took longer than at one). ``MERGEKIT_RLVR_SWAP_KERNEL``: ``auto`` or ``1`` (default: every CPU
 tensor), ``0`` (never: torch's index ops, which are also what CUDA tensors use), ``portable``
 (the C loop without its AVX2 part, as on CPUs without AVX2: for tests). Without a compiler, or where the
 build fails, one warning is logged and the index ops are used.
@@ -48,7 +51,7 @@ def _library() -> Optional[ctypes.CDLL]:
 
         lib = native.load(SOURCE, ("swap_combine", "swap_scatter", "swap_starts", "swap_init", "swap_apply",
                                    "swap_apply_all"),
-                          "hot-swap: CPU swap kernel", "using torch index ops")
+                          "hot-swap: CPU swap kernel", "using torch index ops", optional=("-fopenmp",))
         if lib is not None:
             lib.swap_init()
         _lib["lib"] = lib
@@ -139,8 +142,6 @@ class _Prepared:
                           _DTYPES[p.base.dtype], _DTYPES[out_dtype], int(p.dtype == torch.float64), portable,
                           len(vectors))
         self.blocks, self.count = (p.numel + BLOCK - 1) // BLOCK, p.count
-        self.call, self.ref = _library().swap_apply, ctypes.byref(self.task)
-        self.first, self.last = ctypes.c_int64(0), ctypes.c_int64(self.blocks)
 
     def set(self, coefficients: Sequence[float], flat: torch.Tensor) -> None:
         for k, j in enumerate(self.slots):
@@ -149,11 +150,7 @@ class _Prepared:
 
     def run(self, coefficients: Sequence[float], flat: torch.Tensor) -> None:
         self.set(coefficients, flat)
-        threads = _threads(self.count)
-        if threads == 1:
-            self.call(self.ref, self.first, self.last)
-        else:
-            _run(self.call, self.blocks, threads, self.ref)
+        _apply_all([self])
 
 
 def _prepared(p, flat: torch.Tensor, via: Optional[torch.dtype]):
@@ -197,13 +194,18 @@ def apply_all(items) -> list:
         elif prepared is False:
             rest.append((p, coefficients, flat, via))
     if done:
-        edges = [0]
-        for prepared in done:
-            edges.append(edges[-1] + prepared.blocks)
-        tasks = _array(ctypes.c_void_p, [ctypes.addressof(prepared.task) for prepared in done])
-        threads = _threads(sum(prepared.count for prepared in done))
-        _library().swap_apply_all(tasks, _array(ctypes.c_int64, edges), ctypes.c_int(len(done)), ctypes.c_int(threads))
+        _apply_all(done)
     return rest
+
+
+def _apply_all(done: Sequence[_Prepared]) -> None:
+    """One swap_apply_all call (threads in the process's OpenMP pool) over prepared tasks."""
+    edges = [0]
+    for prepared in done:
+        edges.append(edges[-1] + prepared.blocks)
+    tasks = _array(ctypes.c_void_p, [ctypes.addressof(prepared.task) for prepared in done])
+    threads = _threads(sum(prepared.count for prepared in done))
+    _library().swap_apply_all(tasks, _array(ctypes.c_int64, edges), ctypes.c_int(len(done)), ctypes.c_int(threads))
 
 
 def combine(p, coefficients: Sequence[float]) -> torch.Tensor:

@@ -13,6 +13,9 @@
  * was packed (packed.pack), so blocks run in parallel (threads of the caller, each a
  * range of blocks). */
 #include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 #ifdef __AVX2__
@@ -268,12 +271,24 @@ static void *run_span(void *arg) {
 }
 
 /* apply_all: swap_apply on every block of ntasks tasks, split into `threads` equal runs
- * of blocks (the caller's thread takes the first) */
+ * of blocks. Built with OpenMP (-fopenmp), the runs go to the process's OpenMP pool:
+ * torch's own (the same libgomp.so.1, loaded once), whose idle workers spin for a
+ * while after each torch op and would otherwise hold the cores new threads need;
+ * without it, to threads of its own (the caller's thread takes the first run). */
 void swap_apply_all(const struct task *const *tasks, const int64_t *edges, int ntasks, int threads) {
-    struct span spans[threads > 0 ? threads : 1];
-    pthread_t ids[threads > 0 ? threads : 1];
-    int started[threads > 0 ? threads : 1];
     int64_t total = edges[ntasks];
+    if (threads < 1) threads = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+    {
+        int k = omp_get_thread_num(), n = omp_get_num_threads();
+        struct span span = {tasks, edges, ntasks, total * k / n, total * (k + 1) / n};
+        run_span(&span);
+    }
+#else
+    struct span spans[threads];
+    pthread_t ids[threads];
+    int started[threads];
     for (int k = 0; k < threads; k++) {
         spans[k] = (struct span){tasks, edges, ntasks, total * k / threads, total * (k + 1) / threads};
         started[k] = k > 0 && pthread_create(&ids[k], 0, run_span, &spans[k]) == 0;
@@ -282,6 +297,7 @@ void swap_apply_all(const struct task *const *tasks, const int64_t *edges, int n
         if (!started[k]) run_span(&spans[k]); /* the first run, and any whose thread did not start */
     for (int k = 1; k < threads; k++)
         if (started[k]) pthread_join(ids[k], 0);
+#endif
 }
 
 /* combine: out[k] = base[k] + sum_j c_j * v_j[k] for the `count` touched entries

@@ -7,6 +7,7 @@ force (sorting, per-entry formulas), so the CPU run is a real known-answer test.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -177,14 +178,23 @@ def test_cpu_swap_kernel_writes_combines_bits(dtype, monkeypatch):
                     expect = out.clone()
                     expect[touched] = (want if via is None else want.to(via)).to(live)[touched]
                     same_bits(packed.apply(store, c, out, via=via), expect)
-    # every tensor of a swap in one call, split over threads across the tensors
+    # every tensor of a swap in one call, split over threads across the tensors: those of torch's
+    # OpenMP pool, or (built without OpenMP) threads of the kernel's own
+    from mergekit_rlvr import native
+
+    own = native.load(cpu_kernel.SOURCE, ("swap_init", "swap_apply_all"), "swap kernel without OpenMP", "-")
+    own.swap_init()
+    assert hasattr(cpu_kernel._library(), "omp_get_thread_num") and not hasattr(own, "omp_get_thread_num")
+    if sys.platform == "linux":  # one OpenMP runtime in the process: the kernel's threads are torch's pool
+        assert len({line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}) == 1
     monkeypatch.setattr(cpu_kernel, "SPLIT", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        stores = [packed.pack(base, vs) for vs in (vectors, sparse, sparse[:1])]
-        lives = [base.clone() for _ in stores]
-        for mode in ("1", "portable"):
+        for mode, lib in (("1", cpu_kernel._library()), ("portable", cpu_kernel._library()), ("1", own)):
+            stores = [packed.pack(base, vs) for vs in (vectors, sparse, sparse[:1])]
+            lives = [base.clone() for _ in stores]
+            monkeypatch.setitem(cpu_kernel._lib, "lib", lib)
             monkeypatch.setenv("MERGEKIT_RLVR_SWAP_KERNEL", mode)
             packed.apply_all([(s, [1.5, -0.25, 2.0, 0.5, 1.0, -1.0][: len(s.vectors)], live, None)
                               for s, live in zip(stores, lives)])
