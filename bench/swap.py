@@ -8,8 +8,9 @@
    the live tensor at its touched entries) against this machine's memcpy rate for
    the bytes it must touch (read the stored bytes, write the touched entries; goal
    >= 50% on CPU), with one thread and with torch's thread count (memcpy alike),
-   beside the two-pass path (``combine_packed`` into a buffer, then ``scatter``),
-   the portable C loop and torch's index ops.
+   beside the same kernel built without OpenMP (threads of its own, not torch's pool),
+   the two-pass path (``combine_packed`` into a buffer, then ``scatter``), the
+   portable C loop and torch's index ops.
 3. ``set_coefficients`` time, split into vLLM's reload (loaders and the CPU
    backend's repacking), of which our combine, and the in-place part; against
    the authors' per-trial cost (mergekit-yaml + a fresh engine).
@@ -116,14 +117,18 @@ def driver_part(root: Path, family, repeats: int = 2) -> dict:
 
 def _one_pass(stores, lives, values, path: str) -> float:
     """Seconds for one swap over every tensor: ``fused`` (packed.apply_all: one pass writes
-    each live tensor, one C call for them all), ``two-pass`` (combine_packed into a buffer, then scatter: the
+    each live tensor, one C call for them all, its threads torch's OpenMP pool),
+    ``own-threads`` (the same built without OpenMP: threads of its own), ``two-pass`` (combine_packed into a buffer, then scatter: the
     former structure), ``portable`` (fused, the C loop without AVX2) or ``index-ops``
     (torch's index ops: CUDA's path, MERGEKIT_RLVR_SWAP_KERNEL=0)."""
-    from vllm_plugins import packed
+    from vllm_plugins import cpu_kernel, packed
 
     mode = {"portable": "portable", "index-ops": "0"}.get(path, "auto")
     before = os.environ.get("MERGEKIT_RLVR_SWAP_KERNEL")
     os.environ["MERGEKIT_RLVR_SWAP_KERNEL"] = mode
+    kernel = cpu_kernel._lib.get("lib")
+    if path == "own-threads":  # the kernel built without OpenMP: threads of its own
+        cpu_kernel._lib["lib"] = _own_threads_library()
     try:
         start = time.perf_counter()
         if path != "two-pass":  # as the worker swaps (vllm_plugins.stores.swap_all)
@@ -132,10 +137,21 @@ def _one_pass(stores, lives, values, path: str) -> float:
             packed.scatter(store, packed.combine_packed(store, [values[i] for i in slots]).to(live.dtype), live)
         return time.perf_counter() - start
     finally:
+        cpu_kernel._lib["lib"] = kernel
         if before is None:
             os.environ.pop("MERGEKIT_RLVR_SWAP_KERNEL")
         else:
             os.environ["MERGEKIT_RLVR_SWAP_KERNEL"] = before
+
+
+def _own_threads_library():
+    from mergekit_rlvr import native
+
+    from vllm_plugins import cpu_kernel
+
+    lib = native.load(cpu_kernel.SOURCE, ("swap_init", "swap_apply_all"), "swap kernel without OpenMP", "skipped")
+    lib.swap_init()
+    return lib
 
 
 def _copy_seconds(nbytes: int):
@@ -174,7 +190,7 @@ def combine_part(family, repeats: int = 7) -> dict:
     values, threads = [0.9, 1.1], torch.get_num_threads()
     copy = _copy_seconds(touched)
     kernel = cpu_kernel._library() is not None
-    paths = ["fused", "two-pass", "portable"] if kernel else ["fused"]
+    paths = ["fused", "own-threads", "two-pass", "portable"] if kernel else ["fused"]
     by_threads = {}
     for n in sorted({1, threads}):
         torch.set_num_threads(n)
