@@ -11,7 +11,7 @@ with ``-ffp-contract=off`` and no fast-math, so the bits are the same (checked i
 It is compiled once per machine with the system C compiler (about a second; the
 library is cached under ``~/.cache/mergekit-rlvr``, keyed by the source, the flags and
 the CPU's features), with OpenMP where the compiler has it: a swap's threads are then
-those of torch's own OpenMP pool (the process's one libgomp), which right after a torch
+those of torch's own OpenMP pool (the libgomp.so.1 torch loaded), which right after a torch
 op are still spinning on the cores (own threads had to wait for them: at two threads
 the swap took longer than at one). ``MERGEKIT_RLVR_SWAP_KERNEL``: ``auto`` or ``1`` (default: every CPU
 tensor), ``0`` (never: torch's index ops, which are also what CUDA tensors use), ``portable``
