@@ -49,8 +49,7 @@ def _library() -> Optional[ctypes.CDLL]:
     if "lib" not in _lib:
         from mergekit_rlvr import native
 
-        lib = native.load(SOURCE, ("swap_combine", "swap_scatter", "swap_starts", "swap_init", "swap_apply",
-                                   "swap_apply_all"),
+        lib = native.load(SOURCE, ("swap_combine", "swap_scatter", "swap_starts", "swap_init", "swap_apply_all"),
                           "hot-swap: CPU swap kernel", "using torch index ops", optional=("-fopenmp",))
         if lib is not None:
             lib.swap_init()

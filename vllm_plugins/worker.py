@@ -48,7 +48,7 @@ import torch
 
 from vllm_plugins import rpc
 from vllm_plugins.rpc import decode_tensor, encode_tensor  # noqa: F401  (the contract's encoding)
-from vllm_plugins.stores import BaseMismatch
+from vllm_plugins.stores import BaseMismatch, Builder, held_bytes, swap_all
 
 LOG = logging.getLogger("vllm.mergekit_rlvr.hotswap")  # under vLLM's configured logger
 _RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
@@ -180,8 +180,6 @@ class HotSwapWorkerExtension:
     def _hs_build(self, d, layout, plan, parts, offload: bool = False, check_base: bool = False):
         from tqdm import tqdm
 
-        from vllm_plugins.stores import Builder
-
         model = self._hs_model()
         live = dict(model.named_parameters(remove_duplicate=False))
         device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
@@ -202,8 +200,6 @@ class HotSwapWorkerExtension:
             if state.reload:
                 reload_seconds = self._hs_reload(state, values)
             t_inplace = time.perf_counter()
-            from vllm_plugins.stores import swap_all
-
             swap_all(state.inplace, values)  # one C call for every CPU tensor
             inplace_seconds = time.perf_counter() - t_inplace
         if not state.reload:  # (reload_weights resets them itself)
@@ -237,8 +233,6 @@ class HotSwapWorkerExtension:
         return time.perf_counter() - start
 
     def hotswap_state(self) -> rpc.StateReply:
-        from vllm_plugins.stores import held_bytes
-
         state = self._hotswap
         if state is None:
             return {"loaded": False}
