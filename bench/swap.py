@@ -78,7 +78,19 @@ def bytes_part(family) -> dict:
     for method, recipe in recipes(family).items():
         sizes = swap_bytes(decompose(recipe))
         out[method] = {**sizes, "ratio": sizes["per_rank"] / sizes["weights"]}
+    # sparsify: global, sized in its radix select's last pass (some tensors as an upper
+    # bound) against the exact bytes of a prepared decomposition's second read
+    d = decompose(global_recipe(family))
+    sizes = swap_bytes(d)
+    exact = swap_bytes(d)
+    out["dots_global"] = {**sizes, "ratio": sizes["per_rank"] / sizes["weights"],
+                          "exact_per_rank": exact["per_rank"], "bound_over_exact": sizes["per_rank"] / exact["per_rank"]}
     return out
+
+
+def global_recipe(family) -> dict:
+    recipe = dict(recipes(family)["dots"])
+    return {**recipe, "parameters": {"sparsify": "global"}}
 
 
 DRIVER_CHILD = r"""
@@ -98,11 +110,16 @@ print(time.perf_counter() - start)
 
 
 def driver_part(root: Path, family, repeats: int = 2) -> dict:
-    """What the driver does before vLLM starts, for the dots recipe, each in a fresh
-    process (the kernels cache a pre-pass within one): the pre-pass that also sizes the
-    swap (one read of each checkpoint: ``plan.swap_bytes`` on a fresh decomposition)
-    against the pre-pass followed by a sizing pass (two reads), alternating, best of each."""
-    recipe = write_yaml(root / "dots-driver.yml", recipes(family)["dots"])
+    """What the driver does before vLLM starts, per dots recipe (``sparsify`` tensor and
+    global), each in a fresh process (the kernels cache a pre-pass within one): the
+    pre-pass that also sizes the swap (``plan.swap_bytes`` on a fresh decomposition:
+    one read of each checkpoint; two for global, its radix select's passes) against
+    the pre-pass followed by a sizing pass (one read more), alternating, best of each."""
+    return {"dots": _driver_rounds(write_yaml(root / "dots-driver.yml", recipes(family)["dots"]), repeats),
+            "dots_global": _driver_rounds(write_yaml(root / "dots-global-driver.yml", global_recipe(family)), repeats)}
+
+
+def _driver_rounds(recipe: Path, repeats: int) -> dict:
 
     def child(mode: str) -> float:
         proc = subprocess.run([sys.executable, "-c", DRIVER_CHILD, str(recipe), mode], capture_output=True, text=True)
@@ -334,9 +351,11 @@ def report(result: dict) -> None:
               flush=True)
     print(f"  torch index ops ({c['threads']} threads) {c['index_ops_seconds'] * 1e3:.1f} ms = "
           f"{100 * c['index_ops_ratio']:.1f}%", flush=True)
-    if "driver" in result:
-        r = result["driver"]
-        print(f"driver before vLLM starts (dots): pre-pass sizing the swap in its read {r['one_read_seconds']:.2f} s "
+    g = b["dots_global"]
+    print(f"dots sparsify: global sized in the pre-pass: {g['bounded']} of {g['sized_in_prepass']} tensors as a bound, "
+          f"{g['bound_over_exact']:.4f}x the exact bytes", flush=True)
+    for recipe, r in result.get("driver", {}).items():
+        print(f"driver before vLLM starts ({recipe}): pre-pass sizing the swap in its read {r['one_read_seconds']:.2f} s "
               f"vs pre-pass + sizing pass {r['two_reads_seconds']:.2f} s = {r['ratio']:.2f}x", flush=True)
     if "engine" in result:
         e = result["engine"]

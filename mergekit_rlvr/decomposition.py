@@ -56,13 +56,15 @@ class Decomposition:
         return check_values(self.method, self.coefficient_names,
                             normalize_coefficients(self.coefficient_names, coefficients))
 
-    def prepare(self, visit: Optional[Callable[[TensorTask, Any, List[Any]], None]] = None) -> Set[str]:
+    def prepare(self, visit: Optional[Callable[[TensorTask, Any, List[Any], bool], None]] = None) -> Set[str]:
         """The whole-model pre-pass (reads every tensor once, checks inputs): the
         method's own (``swap_context``, :func:`mergekit_rlvr.kernels.coefficients.description`).
-        ``visit(task, base, vectors)``: called with :meth:`sources`'s result for each
-        planned tensor the pre-pass streams, where the method has an incremental
+        ``visit(task, base, vectors, exact)``: called with :meth:`sources`'s result for
+        each planned tensor the pre-pass streams, where the method has an incremental
         pre-pass (``swap_accumulator``): what the hot swap's driver sizes in the same read.
-        Returns the names visited (none when already prepared)."""
+        ``exact`` False: the vectors' supports hold the final ones (dots' ``sparsify:
+        global``, sized in the last pass of its radix select, before its thresholds are
+        known to the last bit). Returns the names visited (none when already prepared)."""
         if self._prepared:
             return set()
         group, parameters, dtype = self._group(self.tasks[0])
@@ -89,18 +91,24 @@ class Decomposition:
         ids = [e.id for e in first.non_base]
         visited: Set[str] = set()
         method = self._described()
-        for name, base, models in stream_checkpoints(first.base.id, ids, dtype, f"{self.method}: pre-pass"):
-            accumulator.add(name, base, models)
-            task = tasks.get(name)
-            if task is None or merge_dtype(task.task) != dtype:
-                continue  # sized by a read of its own
-            group = TensorGroup.from_tensors([base, *models], ids=[first.base.id, *ids], base_index=0, name=name)
-            self._entries(group)
-            vectors, coefficients = method.swap_vectors(group, accumulator.context(),
-                                                        **bind_parameters(task.task, _spec(self.method), group))
-            self._check_weights(task, coefficients)
-            visit(task, base, _stored(vectors))
-            visited.add(name)
+        more, rounds = True, 0
+        while more:  # several passes where the accumulator asks (next_pass: dots' sparsify: global)
+            rounds += 1
+            sizing = getattr(accumulator, "sizing", True)
+            label = f"{self.method}: pre-pass" + (f" {rounds}" if hasattr(accumulator, "next_pass") else "")
+            for name, base, models in stream_checkpoints(first.base.id, ids, dtype, label):
+                accumulator.add(name, base, models)
+                task = tasks.get(name)
+                if not sizing or task is None or merge_dtype(task.task) != dtype:
+                    continue  # sized by a read of its own
+                group = TensorGroup.from_tensors([base, *models], ids=[first.base.id, *ids], base_index=0, name=name)
+                self._entries(group)
+                vectors, coefficients = method.swap_vectors(group, accumulator.context(),
+                                                            **bind_parameters(task.task, _spec(self.method), group))
+                self._check_weights(task, coefficients)
+                visit(task, base, _stored(vectors), getattr(accumulator, "exact", True))
+                visited.add(name)
+            more = bool(getattr(accumulator, "next_pass", lambda: False)())
         return visited
 
     def prepared_state(self) -> Optional[bytes]:
@@ -137,15 +145,24 @@ class Decomposition:
         ``combine`` on :meth:`tensor`'s vectors bit for bit."""
         return self._vectors(task, stored=True)
 
-    def sources_part(self, task: TensorTask, box) -> Tuple[Any, List[Any], Any]:
+    def sources_part(self, task: TensorTask, box, device=None) -> Tuple[Any, List[Any], Any]:
         """:meth:`sources` of ``box`` (one slice per dimension) of the tensor: where the
         method's vectors are elementwise given its pre-pass (``elementwise``), only that
-        part of each checkpoint is read; elsewhere the whole tensor is. Returns (base,
-        vectors, the box they cover: ``box``, or None for the whole tensor)."""
-        if box is not None and not self._elementwise(task):
+        part of each checkpoint is read, and computed on ``device`` when one is given
+        (elementwise float arithmetic gives the same bits on any device; elsewhere, a
+        per-tensor quantile or norm, they are computed on the host as mergekit-yaml
+        computes them). Returns (base, vectors, the box they cover: ``box``, or None for
+        the whole tensor)."""
+        elementwise = self._elementwise(task)
+        if box is not None and not elementwise:
             box = None
-        base, vectors = self._vectors(task, stored=True, box=box)
+        base, vectors = self._vectors(task, stored=True, box=box, device=device if elementwise else None)
         return base, vectors, box
+
+    def elementwise(self, task: TensorTask) -> bool:
+        """Whether the method's vectors of ``task`` are elementwise given the pre-pass
+        (``elementwise`` on the kernel): a part of every input gives that part of them."""
+        return self._elementwise(task)
 
     def iter_tensors(self, names: Optional[Iterable[str]] = None, progress: bool = False):
         """(task, base, vectors) for every planned tensor (or those in ``names``)."""
@@ -213,11 +230,15 @@ class Decomposition:
         self.prepare()
         return bool(self._described().elementwise(self._context, shared_parameters(task.task)))
 
-    def _vectors(self, task: TensorTask, stored: bool, box=None) -> Tuple[Any, List[Any]]:
-        """(base, vectors) from the method's ``swap_vectors`` (``stored``) or ``vectors``,
-        each coefficient checked against the recipe's one value."""
+    def _vectors(self, task: TensorTask, stored: bool, box=None, device=None) -> Tuple[Any, List[Any]]:
+        """(base, vectors) from the method's ``swap_vectors`` (``stored``) or ``vectors``
+        (on ``device``, where given), each coefficient checked against the recipe's one value."""
         self.prepare()
         group, parameters, _dtype = self._group(task, box)
+        if device is not None:
+            from mergekit_rlvr.mergekit_compat import group_on
+
+            group = group_on(group, device)
         self._entries(group)
         method = self._described()
         build = method.swap_vectors if stored else method.vectors

@@ -83,19 +83,25 @@ def swap_bytes(d, tensor_parallel_size: int = 1, progress: bool = False) -> Dict
     rank), a tensor of two or more dimensions split over the ranks (vLLM shards
     linear and embedding weights, and each rank keeps a bitmask of the entries it
     reads), a 1-D one (norms, biases of replicated layers) on each. Returns
-    ``{"per_rank": ..., "total": ..., "weights": ..., "sized_in_prepass": ...}``
+    ``{"per_rank": ..., "total": ..., "weights": ..., "sized_in_prepass": ..., "bounded": ...}``
     (bytes; ``total``: one rank holding everything; ``weights``: the merged tensors in
-    the dtype mergekit writes; the count of tensors sized in the pre-pass's read).
+    the dtype mergekit writes; the count of tensors sized in the pre-pass's read, and
+    of those sized as an upper bound).
 
     Where ``d`` is not prepared yet and its method has an incremental pre-pass
-    (``swap_accumulator``: every method but dots with ``sparsify: global``), the
-    tensors are sized as the pre-pass streams them: one read of each checkpoint on
-    the driver. Otherwise (``sparsify: global``, an already prepared ``d``) they are
-    read again."""
+    (``swap_accumulator``), the tensors are sized as the pre-pass streams them: no read
+    of their own on the driver. Dots with ``sparsify: global`` sizes them in the last
+    pass of its radix select, where each threshold is known but for its last 16 bits:
+    the few tensors with entries in that range (``bounded``) are sized as an upper
+    bound (:func:`bound_bytes`), the others exactly. An already prepared ``d`` (or a
+    tensor of another merge dtype) is read again."""
     sizes: Dict[str, Tuple[int, int, int, int]] = {}
+    bounded = []
 
-    def size(task, base, sources) -> None:
-        sizes[task.name] = _sized(task, base, sources)
+    def size(task, base, sources, exact: bool = True) -> None:
+        sizes[task.name] = _sized(task, base, sources, exact)
+        if not exact:
+            bounded.append(task.name)
 
     d.prepare(visit=size)
     rest = [t for t in d.tasks if t.name not in sizes]
@@ -114,14 +120,32 @@ def swap_bytes(d, tensor_parallel_size: int = 1, progress: bool = False) -> Dict
         else:  # this rank's share, and the bitmask of the entries it reads (reload path)
             per_rank += -(-held // int(tensor_parallel_size)) + -(-numel // 8)
         weights += numel * width
-    return {"per_rank": per_rank, "total": total, "weights": weights, "sized_in_prepass": in_prepass}
+    return {"per_rank": per_rank, "total": total, "weights": weights, "sized_in_prepass": in_prepass,
+            "bounded": len(bounded)}
 
 
-def _sized(task, base, sources) -> Tuple[int, int, int, int]:
-    """(packed bytes, entries, dimensions, bytes per entry as mergekit writes it) of one tensor."""
+def _sized(task, base, sources, exact: bool = True) -> Tuple[int, int, int, int]:
+    """(packed bytes, entries, dimensions, bytes per entry as mergekit writes it) of one
+    tensor. ``exact`` False: ``sources``' supports hold the final ones, and the bytes
+    are an upper bound (:func:`bound_bytes`)."""
     import torch
 
     from vllm_plugins import packed
 
     dtype = task.save_dtype or base.dtype
-    return packed.pack(base, sources).nbytes, base.numel(), base.dim(), torch.empty(0, dtype=dtype).element_size()
+    p = packed.pack(base, sources)
+    held = p.nbytes if exact else bound_bytes(p)
+    return held, base.numel(), base.dim(), torch.empty(0, dtype=dtype).element_size()
+
+
+def bound_bytes(p) -> int:
+    """At least the packed bytes of any supports within ``p``'s (each vector's, the
+    touched entries): fewer entries take fewer bytes, in a dtype no wider (a subset of
+    values exact in a dtype is exact in it), but a bitmask ``p`` leaves out (all
+    touched, or a vector's support all of them) may be needed, so it is counted."""
+    from vllm_plugins.cpu_kernel import BLOCK
+
+    starts = 8 * (-(-p.numel // BLOCK) + 1)  # int64 per block edge, as pack() counts them
+    extra = 0 if p.touched is not None else -(-p.numel // 8) + starts
+    extra += sum(-(-p.count // 8) + starts for v in p.vectors if v.bits is None)
+    return p.nbytes + extra

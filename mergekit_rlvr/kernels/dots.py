@@ -22,7 +22,7 @@ from mergekit_rlvr.methods.dots import (
     gamma_from_norms,
     squared_norms,
 )
-from mergekit_rlvr.methods.dots_global import dots_global_stats
+from mergekit_rlvr.methods.dots_global import GlobalSelection, dots_global_stats
 
 
 class DotsMerge(PreparedMergeMethod):
@@ -61,11 +61,11 @@ class DotsMerge(PreparedMergeMethod):
 
     def swap_accumulator(self, parameters):
         """Per-tensor top p: the thresholds and norms tensor by tensor (``DotsStats.add``);
-        with rescale none or tensor the context is None. ``sparsify: global``: None (its
-        thresholds need the whole model first)."""
+        with rescale none or tensor the context is None. ``sparsify: global``: the radix
+        select's passes (:class:`_GlobalAccumulator`), sized in the last one."""
         densities = self._checked(parameters)
         if check_sparsify(parameters.get("sparsify", "tensor")) == "global":
-            return None
+            return _GlobalAccumulator(densities)
         return _Accumulator(densities) if check_rescale(parameters["rescale"]) == "global" else ChecksOnly()
 
     def _checked(self, parameters) -> list:
@@ -120,6 +120,40 @@ class _Accumulator:
         return self.stats
 
     finish = context
+
+
+class _GlobalAccumulator:
+    """``sparsify: global`` one streamed tensor at a time, over several passes
+    (``next_pass``). In the last pass (``sizing``) ``context()`` holds each model's
+    lower bound of its threshold (:meth:`GlobalSelection.bounds`: masks that keep
+    every entry the final ones keep, and only those where ``exact``) and gamma 1
+    (a scalar: it changes no support), so the driver sizes the swap in that read: an
+    upper bound for the tensors not ``exact``."""
+
+    def __init__(self, densities):
+        self.selection = GlobalSelection(densities)
+
+    def add(self, name, base, models) -> None:
+        self.selection.add(name, base, models)
+
+    @property
+    def sizing(self) -> bool:
+        return self.selection.final
+
+    @property
+    def exact(self) -> bool:
+        """Whether the tensor just added has no entry between a bound and its threshold."""
+        return not self.selection.open
+
+    def context(self) -> DotsStats:
+        stats = self.selection.stats()
+        return DotsStats(stats.thresholds, stats.full_sq, list(stats.full_sq), self.selection.bounds())
+
+    def next_pass(self) -> bool:
+        return self.selection.next_pass()
+
+    def finish(self) -> DotsStats:
+        return self.selection.stats()
 
 
 def _stored(group: TensorGroup, context, vectors, rescale: str) -> list:

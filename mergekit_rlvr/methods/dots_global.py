@@ -7,7 +7,7 @@ pass over the checkpoints, so memory stays bounded by the largest tensor plus tw
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence, Tuple
+from typing import Iterable, List, Sequence, Tuple
 
 import torch
 
@@ -56,9 +56,10 @@ class _GlobalSelect:
     def done(self) -> bool:
         return self.threshold is not None
 
-    def observe(self, counts, squares, tau: torch.Tensor, first: bool) -> None:
+    def observe(self, counts, squares, tau: torch.Tensor, first: bool) -> int:
         """Add one tensor's entries (those sharing the digits found so far) to this
-        pass's histograms of the next digit: counts and summed squares (float64)."""
+        pass's histograms of the next digit: counts and summed squares (float64).
+        Returns how many entries shared those digits (all of them in the first pass)."""
         bits = _magnitude_bits(tau)
         width = 32 if bits.dtype == torch.int32 else 64
         if self.width is None:
@@ -69,15 +70,33 @@ class _GlobalSelect:
             self.total += bits.numel()
         shift = width - _DIGIT * (self.level + 1)
         flat = tau.detach().reshape(-1)
+        seen = 0
         for start in range(0, bits.numel(), _CHUNK):  # bounded float64 temporaries
             chunk, values = bits[start:start + _CHUNK], flat[start:start + _CHUNK]
             if self.level:
                 same = (chunk >> (shift + _DIGIT)) == self.prefix
                 chunk, values = chunk[same], values[same]
+            seen += chunk.numel()
             digit = ((chunk >> shift) & ((1 << _DIGIT) - 1)).long()
             wide = values.double()
             counts += torch.bincount(digit, minlength=1 << _DIGIT)
             squares += torch.bincount(digit, weights=wide * wide, minlength=1 << _DIGIT)
+        return seen
+
+    @property
+    def resolving_last(self) -> bool:
+        """Whether the pass now running resolves the last digit (the width is known
+        from the first pass)."""
+        return self.width is not None and _DIGIT * (self.level + 1) >= self.width
+
+    @property
+    def lower_bound(self) -> float:
+        """In the pass that resolves the last digit: the smallest |tau| that shares the
+        digits found so far (every entry kept is at least this, and an entry below it
+        is dropped); the threshold itself once done."""
+        if self.done:
+            return self.threshold
+        return _as_float(self.prefix << (self.width - _DIGIT * self.level), self.width)
 
     def finish_pass(self, counts: torch.Tensor, squares: torch.Tensor) -> None:
         cumulative = counts.cumsum(0)
@@ -89,9 +108,69 @@ class _GlobalSelect:
             self.kept_sq += float(squares[digit + 1:].sum())
             return
         self.kept_sq += float(squares[digit:].sum())  # ties at the threshold are kept
-        dtype = torch.int32 if self.width == 32 else torch.int64
-        as_float = torch.float32 if self.width == 32 else torch.float64
-        self.threshold = float(torch.tensor([self.prefix], dtype=torch.int64).to(dtype).view(as_float))
+        self.threshold = _as_float(self.prefix, self.width)
+
+
+def _as_float(bits: int, width: int) -> float:
+    """The non-negative float32 (width 32) or float64 whose IEEE bits are ``bits``."""
+    dtype, as_float = (torch.int32, torch.float32) if width == 32 else (torch.int64, torch.float64)
+    return float(torch.tensor([bits], dtype=torch.int64).to(dtype).view(as_float))
+
+
+class GlobalSelection:
+    """Every model's :class:`_GlobalSelect` driven one streamed tensor at a time:
+    ``add`` each tensor of a pass, then ``next_pass()`` (False once every threshold is
+    found). In the pass that resolves the last digit (``final``), :meth:`bounds` gives
+    thresholds whose masks hold every entry the final ones keep, and :attr:`open` says
+    whether the tensor just added has entries between the two (where it has none, its
+    masks under ``bounds`` are the final ones): what the hot swap's driver sizes the
+    swap with in that same read."""
+
+    def __init__(self, densities: Sequence[float]):
+        self.densities = list(densities)
+        self.selects = [_GlobalSelect() for _ in self.densities]
+        self.first = True
+        self.open = False
+        self._new_histograms()
+
+    def _new_histograms(self) -> None:
+        self.hist = [(torch.zeros(1 << _DIGIT, dtype=torch.int64), torch.zeros(1 << _DIGIT, dtype=torch.float64))
+                     for _ in self.selects]
+
+    @property
+    def done(self) -> bool:
+        return all(s.done for s in self.selects)
+
+    @property
+    def final(self) -> bool:
+        """Whether this pass finds every threshold still open (never the first pass)."""
+        return not self.first and all(s.done or s.resolving_last for s in self.selects)
+
+    def add(self, name: str, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
+        self.open = False
+        for select, (counts, squares), model in zip(self.selects, self.hist, models):
+            if not select.done:
+                shared = select.observe(counts, squares, task_vector(model, base), self.first)
+                self.open |= bool(shared)
+
+    def bounds(self) -> List[float]:
+        return [s.lower_bound for s in self.selects]
+
+    def next_pass(self) -> bool:
+        """End this pass; whether another one is needed."""
+        for select, (counts, squares), density in zip(self.selects, self.hist, self.densities):
+            if self.first:
+                select.start(density, squares)
+            if not select.done:
+                select.finish_pass(counts, squares)
+        self.first = False
+        self._new_histograms()
+        return not self.done
+
+    def stats(self) -> DotsStats:
+        selects = self.selects
+        return DotsStats([{} for _ in selects], [s.full_sq for s in selects], [s.kept_sq for s in selects],
+                         [s.threshold for s in selects])
 
 
 def dots_global_stats(
@@ -104,21 +183,10 @@ def dots_global_stats(
 
     ``passes`` is iterated once per 16 bits of the merge dtype (2 times for float32,
     4 for float64), each time reading every tensor once, one at a time."""
-    count = len(densities)
-    selects = [_GlobalSelect() for _ in range(count)]
-    first = True
-    while first or not all(s.done for s in selects):
-        hist = [(torch.zeros(1 << _DIGIT, dtype=torch.int64), torch.zeros(1 << _DIGIT, dtype=torch.float64))
-                for _ in range(count)]
-        for _name, base, models in passes:
-            for select, (counts, squares), model in zip(selects, hist, models):
-                if not select.done:
-                    select.observe(counts, squares, task_vector(model, base), first)
-        for select, (counts, squares), density in zip(selects, hist, densities):
-            if first:
-                select.start(density, squares)
-            if not select.done:
-                select.finish_pass(counts, squares)
-        first = False
-    return DotsStats([{} for _ in range(count)], [s.full_sq for s in selects], [s.kept_sq for s in selects],
-                     [s.threshold for s in selects])
+    selection = GlobalSelection(densities)
+    more = True
+    while more:
+        for name, base, models in passes:
+            selection.add(name, base, models)
+        more = selection.next_pass()
+    return selection.stats()

@@ -1,7 +1,9 @@
-"""The hot swap's driver sizes the swap in the pre-pass's own read where the method's
-pre-pass is incremental (``swap_accumulator``): the same bytes per rank as sizing by a
-second read of every tensor (``plan.swap_bytes`` on a prepared decomposition), and no
-tensor read again for it. No engine."""
+"""The hot swap's driver sizes the swap in the pre-pass's own read (``swap_accumulator``):
+the same bytes per rank as sizing by a second read of every tensor (``plan.swap_bytes``
+on a prepared decomposition), and no tensor read again for it. Dots with ``sparsify:
+global`` sizes in its radix select's last pass: exactly where a tensor has no entry in
+the last 16 bits' range, else as an upper bound (checked against the exact bytes, and
+that bound against packing every support within it). No engine."""
 
 from __future__ import annotations
 
@@ -33,15 +35,19 @@ def test_sizing_in_the_prepass_equals_sizing_by_a_second_read(tiny_family, case)
     assert expected["sized_in_prepass"] == 0
     fused = decompose(recipe)
     got = swap_bytes(fused, tensor_parallel_size=2)
-    assert {k: got[k] for k in ("per_rank", "total", "weights")} == \
-        {k: expected[k] for k in ("per_rank", "total", "weights")}
+    assert got["sized_in_prepass"] == len(fused.tasks)
+    # besides the pre-pass's stream, only the first tensor's group (its parameters) was read
+    shape, dtype = fused.base_info(fused.tasks[0])
+    assert fused.read_bytes[1] == (1 + len(fused.models)) * _numel(shape) * dtype.itemsize
     if case in ONE_READ:
-        assert got["sized_in_prepass"] == len(fused.tasks)
-        # besides the pre-pass's stream, only the first tensor's group (its parameters) was read
-        shape, dtype = fused.base_info(fused.tasks[0])
-        assert fused.read_bytes[1] == (1 + len(fused.models)) * _numel(shape) * dtype.itemsize
-    else:  # dots' global quantile: the whole model first, then a second read
-        assert got["sized_in_prepass"] == 0
+        assert got["bounded"] == 0
+        assert {k: got[k] for k in ("per_rank", "total", "weights")} == \
+            {k: expected[k] for k in ("per_rank", "total", "weights")}
+    else:  # dots' global quantile: sized in its radix select's last pass, some tensors as a bound
+        assert 0 < got["bounded"] < len(fused.tasks)
+        assert got["weights"] == expected["weights"]
+        for key in ("per_rank", "total"):
+            assert expected[key] <= got[key] <= 1.01 * expected[key]
     # the context is the method's own: the vectors it serves are the separately prepared ones
     task = fused.tasks[-1]
     base, vectors = fused.sources(task)
@@ -54,3 +60,26 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def test_the_bound_holds_for_every_support_within():
+    """``bound_bytes`` of a packing is at least the packed bytes of smaller supports:
+    random subsets of each vector's support, including the cases where the larger
+    packing needs no bitmask (all touched, a support equal to the touched entries)."""
+    import torch
+
+    from mergekit_rlvr.methods.common import RecomputedVector
+    from vllm_plugins import packed
+    from vllm_plugins.plan import bound_bytes
+
+    torch.manual_seed(0)
+    base = torch.randn(4096).to(torch.bfloat16).float()
+    models = [base + torch.randn(4096).to(torch.bfloat16).float() for _ in range(2)]
+    for density in (1.0, 0.6):
+        masks = [torch.rand(4096) < density for _ in models]
+        wide = packed.pack(base, [RecomputedVector(m, k, 1.5) for m, k in zip(models, masks)])
+        for keep in (1.0, 0.999, 0.5):
+            sub = [k & (torch.rand(4096) < keep) for k in masks]
+            narrow = packed.pack(base, [RecomputedVector(m, k, 1.5) for m, k in zip(models, sub)])
+            assert narrow.nbytes <= bound_bytes(wide)
+        assert bound_bytes(wide) >= wide.nbytes
