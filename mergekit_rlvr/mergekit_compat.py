@@ -95,6 +95,14 @@ def merge_inputs(task, name: str, spec, box: Optional["Box"] = None,
     return align_dtype(group, dtype), bind_parameters(task, spec, group), dtype
 
 
+def group_on(group, device):
+    """``group`` (a mergekit TensorGroup) with every input's tensor on ``device``."""
+    from mergekit.merge_methods.base import TensorEntry, TensorGroup
+
+    entries = tuple(TensorEntry(id=e.id, tensor=e.tensor.to(device), is_base=e.is_base) for e in group.entries)
+    return TensorGroup(entries=entries, metadata=group.metadata)
+
+
 def bind_parameters(task, spec, group) -> dict:
     """The parameters ``ExecuteMergeMethodTask.execute`` binds for ``group``'s inputs: the
     shared ones, and the per-input ones (``spec.input_parameters``) as ``PerInputValues``."""

@@ -136,6 +136,7 @@ class Builder:
         fed = not self.layout.stray and any(task.name in pl.checkpoints for pl in self.layout.params.values())
         cover = rank_positions(self.layout, task.name, base.shape) if fed else None
         if cover is not None:  # keep only what this rank's shard reads
+            cover = cover.to(base.device)
             base, sources = base.reshape(-1)[cover], [_restrict(v, cover) for v in sources]
         store = packed.pack(base, sources).to(self.device)
         bits = None if cover is None else packed.pack_bits(cover).to(self.device)
@@ -147,23 +148,24 @@ class Builder:
         pl = self.layout.params[pname]
         fused = len(pl.checkpoints) > 1
         entry = self._pending.get(pname)
-        if entry is None:
-            live = self.live[pname].detach()
-            entry = self._pending[pname] = _Pending(live.to(base.dtype, copy=True))
+        if entry is None:  # built where the sources were computed (parts.work_device)
+            live, where = self.live[pname].detach(), base.device
+            entry = self._pending[pname] = _Pending(live.to(device=where, dtype=base.dtype, copy=True))
             for v in sources:
                 recompute = isinstance(v, RecomputedVector)
                 entry.models.append(torch.zeros_like(entry.base) if recompute else None)
-                entry.masks.append(torch.zeros(entry.base.shape, dtype=torch.bool, device=live.device))
+                entry.masks.append(torch.zeros(entry.base.shape, dtype=torch.bool, device=where))
                 work = torch.float64 if base.dtype == torch.float64 else torch.float32
                 need = fused or not recompute
-                entry.explicit.append(torch.zeros(entry.base.shape, dtype=work, device=live.device) if need else None)
+                entry.explicit.append(torch.zeros(entry.base.shape, dtype=work, device=where) if need else None)
                 entry.scales.append(set())
                 entry.recompute.append(recompute)
         single = only(pl, checkpoint)
         single.replay({checkpoint: base}, entry.base)
         for j, v in enumerate(sources):
             recompute = isinstance(v, RecomputedVector)
-            mask = v.mask if recompute and v.mask is not None else torch.ones(base.shape, dtype=torch.bool)
+            mask = v.mask if recompute and v.mask is not None else torch.ones(base.shape, dtype=torch.bool,
+                                                                               device=base.device)
             single.replay({checkpoint: mask}, entry.masks[j])
             if recompute:
                 single.replay({checkpoint: v.model}, entry.models[j])
@@ -180,7 +182,7 @@ class Builder:
             else:  # fused tensors with different gammas (dots rescale: tensor), or sar's explicit delta
                 vectors.append(MaskedVector(entry.masks[j], entry.explicit[j]))
         param = self.live[pname]
-        if self.check_base and not torch.equal(entry.base.to(param.dtype), param.detach()):
+        if self.check_base and not torch.equal(entry.base.to(param.dtype), param.detach().to(entry.base.device)):
             raise BaseMismatch(f"parameter {pname} does not hold the base as vLLM's loaders put it")
         store = packed.pack(entry.base, vectors).to(self.device)
         param.data.copy_(_save(entry.base, task.save_dtype))  # entries no vector changes: the base, once

@@ -164,7 +164,7 @@ class HotSwapWorkerExtension:
         infos = {task.name: d.base_info(task) for task in d.tasks}  # from the headers: nothing read yet
         slots = {task.name: tuple(task.slots) for task in d.tasks}
         layout = record_layout(model, [(n, shape, dtype) for n, (shape, dtype) in infos.items()])
-        parts = Parts.of(layout, infos)  # what of each checkpoint tensor this rank reads
+        parts = Parts.of(layout, infos, _device(model))  # what of each checkpoint tensor this rank reads
         tasks = {task.name: task for task in d.tasks}
         facts = {}
         for pname, pl in layout.params.items():  # one parameter's bases at a time
@@ -182,8 +182,7 @@ class HotSwapWorkerExtension:
 
         model = self._hs_model()
         live = dict(model.named_parameters(remove_duplicate=False))
-        device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
-        builder = Builder(plan, layout, live, "pinned" if offload else device, check_base)
+        builder = Builder(plan, layout, live, "pinned" if offload else _device(model), check_base)
         with torch.no_grad():
             for task in tqdm(d.tasks, desc=f"{d.method}: vectors", leave=False):
                 base, sources = parts.sources(d, task)
@@ -258,6 +257,11 @@ class HotSwapWorkerExtension:
                 continue
             out[name] = encode_tensor(p.detach())
         return out
+
+
+def _device(model) -> torch.device:
+    """The device the engine's weights live on."""
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 def _holds_base(p: Optional[torch.Tensor], pl, bases: Optional[Dict[str, Any]]) -> bool:

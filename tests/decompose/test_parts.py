@@ -105,3 +105,60 @@ def test_read_box_of_a_layout():
     assert read_box(layout(((2, 3), (6, 1), 3)), "w", (2, 6)) == (slice(0, 2), slice(3, 6))  # columns 3-5
     assert read_box(layout(((2, 3), (3, 1), 0)), "w", (2, 3)) is None  # all of it
     assert read_box(Layout({}, error="failed"), "w", (2, 3)) is None
+
+
+def test_work_device_takes_the_accelerator_only_where_the_working_set_fits():
+    """Known answers for parts.work_device: the host for a CPU engine whatever it has
+    free; the accelerator exactly when entries * (12 + 16 * vectors) bytes + the margin
+    fit in its free memory, and the host one byte short."""
+    from vllm_plugins.parts import WORK_MARGIN, work_device
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 1)
+    need = 1000 * (12 + 16 * 2) + WORK_MARGIN
+    assert work_device(cpu, 1000, 2, lambda d: 1 << 60) is None
+    assert work_device(None, 1000, 2, lambda d: 1 << 60) is None
+    asked = []
+    assert work_device(gpu, 1000, 2, lambda d: asked.append(d) or need) == gpu
+    assert asked == [gpu]
+    assert work_device(gpu, 1000, 2, lambda d: need - 1) is None
+
+
+def test_parts_size_a_checkpoint_tensor_by_the_largest_parameter_it_fills():
+    """A checkpoint tensor that fills a fused parameter (q of qkv) is sized by the
+    parameter, which the build holds whole while it fills it."""
+    from vllm_plugins.layout import Copy, Layout, ParamLayout
+    from vllm_plugins.parts import Parts
+
+    view = ((4, 8), (8, 1), 0)
+    layout = Layout({"qkv": ParamLayout("qkv", (12, 8), [Copy("q", view, view), Copy("k", ((4, 8), (8, 1), 32), view),
+                                                         Copy("v", ((4, 8), (8, 1), 64), view)]),
+                     "o": ParamLayout("o", (8, 8), [Copy("o", ((8, 8), (8, 1), 0), ((8, 8), (8, 1), 0))])})
+    infos = {name: ((4, 8), torch.float32) for name in "qkv"}
+    infos["o"] = ((8, 8), torch.float32)
+    parts = Parts.of(layout, infos)
+    assert parts.entries == {"q": 96, "k": 96, "v": 96, "o": 64}
+    assert parts.device is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("method", ["dots", "task_arithmetic", "reasoning_interp", "sar"])
+def test_vectors_computed_on_the_device_pack_as_on_the_host(tiny_family, method):
+    """An elementwise method's vectors computed on the engine's device (sources_part
+    with a device), packed there, equal the host's bit for bit; sar (not elementwise)
+    is computed on the host whatever device is asked."""
+    from mergekit_rlvr.decompose import decompose
+    from vllm_plugins import packed
+
+    d = decompose(table(tiny_family)[method])
+    cuda = torch.device("cuda")
+    for task in d.tasks:
+        base, vectors, _ = d.sources_part(task, None)
+        base2, vectors2, _ = d.sources_part(task, None, cuda)
+        assert base2.device.type == ("cpu" if method == "sar" else "cuda")
+        host, device = packed.pack(base, vectors), packed.pack(base2, vectors2).to("cpu")
+        assert host.nbytes == device.nbytes
+        assert packed.same_bits(host.base, device.base)
+        for a, b in zip(host.vectors, device.vectors):
+            assert packed.same_bits(a.values, b.values) and a.scale == b.scale
+            assert (a.bits is None) == (b.bits is None) and (a.bits is None or torch.equal(a.bits, b.bits))
