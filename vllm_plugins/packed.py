@@ -80,6 +80,19 @@ def narrowest(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def narrowest_size(t: torch.Tensor, where: Optional[torch.Tensor]) -> int:
+    """``narrowest(t[where]).element_size()`` (``where`` None: all of ``t``)."""
+    candidates = {torch.float32: (torch.bfloat16, torch.float16),
+                  torch.float64: (torch.bfloat16, torch.float16, torch.float32)}.get(t.dtype, ())
+    as_int = _INT[t.element_size()]
+    bits = t.reshape(-1).view(as_int)
+    for dtype in candidates:
+        same = t.reshape(-1).to(dtype).to(t.dtype).view(as_int) == bits
+        if bool(same.all() if where is None else (same | ~where).all()):
+            return torch.empty(0, dtype=dtype).element_size()
+    return t.element_size()
+
+
 def _nbytes(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
@@ -169,15 +182,23 @@ def _support(vector, base: torch.Tensor, negative_zero: torch.Tensor):
     return (values != 0) | negative_zero, values, False, None
 
 
-def pack(base: torch.Tensor, vectors: Sequence) -> Packed:
-    """Pack ``vectors`` (``RecomputedVector``, ``MaskedVector``, ``SparseVector`` or
-    dense tensors, all of ``base``'s shape) to be added to ``base`` (merge dtype)."""
+def supports(base: torch.Tensor, vectors: Sequence):
+    """(per vector ``(flat support, flat values to keep, recompute, scale)``, the flat
+    touched mask: the union of the supports)."""
     flat = base.reshape(-1)
     negative_zero = (flat == 0) & torch.signbit(flat)
     parts = [_support(v, base, negative_zero) for v in vectors]
     touched = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
     for support, *_ in parts:
         touched |= support
+    return parts, touched
+
+
+def pack(base: torch.Tensor, vectors: Sequence) -> Packed:
+    """Pack ``vectors`` (``RecomputedVector``, ``MaskedVector``, ``SparseVector`` or
+    dense tensors, all of ``base``'s shape) to be added to ``base`` (merge dtype)."""
+    flat = base.reshape(-1)
+    parts, touched = supports(base, vectors)
     everything = bool(touched.all())
     count = flat.numel() if everything else int(touched.sum())
     touched_bits = None if everything else pack_bits(touched)

@@ -83,3 +83,48 @@ def test_the_bound_holds_for_every_support_within():
             narrow = packed.pack(base, [RecomputedVector(m, k, 1.5) for m, k in zip(models, sub)])
             assert narrow.nbytes <= bound_bytes(wide)
         assert bound_bytes(wide) >= wide.nbytes
+
+
+@pytest.mark.parametrize("case", ["dots", "dots_global", "sar", "reasoning_interp", "task_arithmetic"])
+def test_packed_nbytes_is_the_packings_bytes(tiny_family, case):
+    """What the driver sizes with (plan.packed_nbytes: counts, no packing) equals
+    packed.pack(...).nbytes on every tensor of every method."""
+    from mergekit_rlvr.decompose import decompose
+    from vllm_plugins import packed
+    from vllm_plugins.plan import packed_nbytes
+
+    d = decompose(table(tiny_family)[case])
+    for task in d.tasks:
+        base, vectors = d.sources(task)
+        assert packed_nbytes(base, vectors) == packed.pack(base, vectors).nbytes, task.name
+
+
+def test_packed_nbytes_on_the_edges():
+    """The same on hand-made cases: every entry touched, a vector whose support is all
+    the touched entries, no change at all, signed zeros in the base, float64 values that
+    need float32 or themselves, float32 values that need float16 or themselves."""
+    import torch
+
+    from mergekit_rlvr.methods.common import MaskedVector, RecomputedVector
+    from vllm_plugins import packed
+    from vllm_plugins.plan import packed_nbytes
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(5000, generator=g).to(torch.bfloat16).float()
+    base[:7] = -0.0
+    model = base + torch.randn(5000, generator=g).to(torch.bfloat16).float()
+    half = (torch.randn(5000, generator=g) * 0.01).to(torch.float16).float()
+    mask = torch.rand(5000, generator=g) < 0.4
+    cases = [
+        [RecomputedVector(model, None, 1.5)],  # all touched
+        [RecomputedVector(model, mask, 1.5), RecomputedVector(model, mask, None)],  # support == touched
+        [RecomputedVector(base.clone(), mask, 2.0)],  # nothing changes
+        [torch.zeros(5000), MaskedVector(mask, half)],  # zeros kept only at -0.0 bases; float16 values
+        [MaskedVector(mask, torch.randn(5000, generator=g))],  # float32 values
+    ]
+    for vectors in cases:
+        assert packed_nbytes(base, vectors) == packed.pack(base, vectors).nbytes
+    wide = base.double()
+    for values in (torch.randn(5000, generator=g).double(), torch.randn(5000, generator=g).float().double()):
+        vectors = [MaskedVector(mask, values)]
+        assert packed_nbytes(wide, vectors) == packed.pack(wide, vectors).nbytes
