@@ -93,7 +93,7 @@ def swap_bytes(d, tensor_parallel_size: int = 1, progress: bool = False) -> Dict
     of their own on the driver. Dots with ``sparsify: global`` sizes them in the last
     pass of its radix select, where each threshold is known but for its last 16 bits:
     the few tensors with entries in that range (``bounded``) are sized as an upper
-    bound (:func:`bound_bytes`), the others exactly. An already prepared ``d`` (or a
+    bound (:func:`packed_nbytes`), the others exactly. An already prepared ``d`` (or a
     tensor of another merge dtype) is read again."""
     sizes: Dict[str, Tuple[int, int, int, int]] = {}
     bounded = []
@@ -127,20 +127,23 @@ def swap_bytes(d, tensor_parallel_size: int = 1, progress: bool = False) -> Dict
 def _sized(task, base, sources, exact: bool = True) -> Tuple[int, int, int, int]:
     """(packed bytes, entries, dimensions, bytes per entry as mergekit writes it) of one
     tensor. ``exact`` False: ``sources``' supports hold the final ones, and the bytes
-    are an upper bound (:func:`bound_bytes`)."""
+    are an upper bound (:func:`packed_nbytes`'s ``bound``)."""
     import torch
 
-    from vllm_plugins import packed
-
     dtype = task.save_dtype or base.dtype
-    held = packed_nbytes(base, sources) if exact else bound_bytes(packed.pack(base, sources))
+    held = packed_nbytes(base, sources, bound=not exact)
     return held, base.numel(), base.dim(), torch.empty(0, dtype=dtype).element_size()
 
 
-def packed_nbytes(base: torch.Tensor, vectors: Sequence) -> int:
+def packed_nbytes(base: torch.Tensor, vectors: Sequence, bound: bool = False) -> int:
     """``packed.pack(base, vectors).nbytes`` without building the packing (what the driver
-    sizes the swap with, at about 0.4x pack's time): the same supports and counts, and each kept part's narrowest
-    exact dtype tested where it is kept, without gathering it."""
+    sizes the swap with, at about 0.4x pack's time): the same supports and counts, and
+    each kept part's narrowest exact dtype tested where it is kept, without gathering it.
+
+    ``bound``: at least the packed bytes of any supports within these (each vector's,
+    the touched entries): fewer entries take fewer bytes, in a dtype no wider (a subset
+    of values exact in a dtype is exact in it), but a bitmask these leave out (all
+    touched, or a vector's support all of them) may be needed, so it is counted."""
     from vllm_plugins import packed
 
     flat = base.reshape(-1)
@@ -149,24 +152,11 @@ def packed_nbytes(base: torch.Tensor, vectors: Sequence) -> int:
     count = int(touched.sum())
     everything = count == n
     starts = 8 * ((n + packed.BLOCK - 1) // packed.BLOCK + 1)  # int64 per block edge
-    total = 0 if everything else -(-n // 8) + starts
+    total = 0 if everything and not bound else -(-n // 8) + starts
     total += count * packed.narrowest_size(flat, None if everything else touched)
     for support, values, *_ in parts:
         size = int(support.sum())  # within the touched entries
         whole = size == count
-        total += 0 if whole else -(-count // 8) + starts
+        total += 0 if whole and not bound else -(-count // 8) + starts
         total += size * packed.narrowest_size(values, None if everything and whole else support)
     return total
-
-
-def bound_bytes(p) -> int:
-    """At least the packed bytes of any supports within ``p``'s (each vector's, the
-    touched entries): fewer entries take fewer bytes, in a dtype no wider (a subset of
-    values exact in a dtype is exact in it), but a bitmask ``p`` leaves out (all
-    touched, or a vector's support all of them) may be needed, so it is counted."""
-    from vllm_plugins.cpu_kernel import BLOCK
-
-    starts = 8 * (-(-p.numel // BLOCK) + 1)  # int64 per block edge, as pack() counts them
-    extra = 0 if p.touched is not None else -(-p.numel // 8) + starts
-    extra += sum(-(-p.count // 8) + starts for v in p.vectors if v.bits is None)
-    return p.nbytes + extra
