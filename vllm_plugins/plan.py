@@ -17,6 +17,7 @@ Rules (see :mod:`vllm_plugins.worker`):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Sequence, Tuple
 
@@ -113,15 +114,48 @@ def swap_bytes(d, tensor_parallel_size: int = 1, progress: bool = False) -> Dict
     for task in rest:
         size(task, *d.sources(task))
     total = per_rank = weights = 0
-    for held, numel, dims, width in (sizes[t.name] for t in d.tasks):
+    tp = int(tensor_parallel_size)
+    shares = _shares(d, tp)
+    for name, (held, numel, dims, width) in ((t.name, sizes[t.name]) for t in d.tasks):
         total += held
-        if dims < 2 or tensor_parallel_size <= 1:
+        if dims < 2 or tp <= 1:
             per_rank += held
-        else:  # this rank's share, and the bitmask of the entries it reads (reload path)
-            per_rank += -(-held // int(tensor_parallel_size)) + -(-numel // 8)
+        else:  # the largest rank's share, and the bitmask of the entries it reads (reload path)
+            num, den = shares["kv"] if _KV.search(name) else shares["vocab"] if _VOCAB.search(name) else (1, tp)
+            per_rank += -(-held * num // den) + -(-numel // 8)
         weights += numel * width
     return {"per_rank": per_rank, "total": total, "weights": weights, "sized_in_prepass": in_prepass,
             "bounded": len(bounded)}
+
+
+#: the checkpoint names of key and value projections, and of the vocabulary's rows
+#: (Llama, Qwen, Mistral families)
+_KV = re.compile(r"\.(k_proj|v_proj)\.")
+_VOCAB = re.compile(r"(embed_tokens|lm_head)\.weight$")
+_VOCAB_PADDING = 64  # vLLM pads the vocabulary to a multiple of this before splitting it
+
+
+def _shares(d, tp: int) -> Dict[str, Tuple[int, int]]:
+    """The largest rank's share (numerator, denominator) of a key or value projection
+    (one head per rank at least: with fewer key/value heads than ranks each rank holds
+    1/heads of it) and of a vocabulary tensor (padded, then split in equal row blocks:
+    the first rank's holds the most real rows), from the base's config.json."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(d.base_path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        config = {}
+    config = config.get("text_config", config)
+    heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+    kv = (1, max(1, min(tp, int(heads)))) if heads else (1, tp)
+    vocab = int(config.get("vocab_size") or 0)
+    if not vocab:
+        return {"kv": kv, "vocab": (1, tp)}
+    rows = -(-(-(-vocab // _VOCAB_PADDING) * _VOCAB_PADDING) // tp)
+    return {"kv": kv, "vocab": (min(vocab, rows), vocab)}
 
 
 def _sized(task, base, sources, exact: bool = True) -> Tuple[int, int, int, int]:
