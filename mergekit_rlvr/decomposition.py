@@ -159,11 +159,6 @@ class Decomposition:
         base, vectors = self._vectors(task, stored=True, box=box, device=device if elementwise else None)
         return base, vectors, box
 
-    def elementwise(self, task: TensorTask) -> bool:
-        """Whether the method's vectors of ``task`` are elementwise given the pre-pass
-        (``elementwise`` on the kernel): a part of every input gives that part of them."""
-        return self._elementwise(task)
-
     def iter_tensors(self, names: Optional[Iterable[str]] = None, progress: bool = False):
         """(task, base, vectors) for every planned tensor (or those in ``names``)."""
         wanted = None if names is None else set(names)

@@ -69,11 +69,14 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         a.reshape(-1).view(_INT[a.element_size()]), b.reshape(-1).view(_INT[b.element_size()]))
 
 
+#: per merge dtype, the narrower dtypes tried, narrowest first
+_NARROWER = {torch.float32: (torch.bfloat16, torch.float16),
+             torch.float64: (torch.bfloat16, torch.float16, torch.float32)}
+
+
 def narrowest(t: torch.Tensor) -> torch.Tensor:
     """``t`` in the smallest floating dtype that gives back its exact bits."""
-    candidates = {torch.float32: (torch.bfloat16, torch.float16),
-                  torch.float64: (torch.bfloat16, torch.float16, torch.float32)}.get(t.dtype, ())
-    for dtype in candidates:
+    for dtype in _NARROWER.get(t.dtype, ()):
         narrow = t.to(dtype)
         if same_bits(narrow.to(t.dtype), t):
             return narrow
@@ -82,11 +85,9 @@ def narrowest(t: torch.Tensor) -> torch.Tensor:
 
 def narrowest_size(t: torch.Tensor, where: Optional[torch.Tensor]) -> int:
     """``narrowest(t[where]).element_size()`` (``where`` None: all of ``t``)."""
-    candidates = {torch.float32: (torch.bfloat16, torch.float16),
-                  torch.float64: (torch.bfloat16, torch.float16, torch.float32)}.get(t.dtype, ())
     as_int = _INT[t.element_size()]
     bits = t.reshape(-1).view(as_int)
-    for dtype in candidates:
+    for dtype in _NARROWER.get(t.dtype, ()):
         same = t.reshape(-1).to(dtype).to(t.dtype).view(as_int) == bits
         if bool(same.all() if where is None else (same | ~where).all()):
             return torch.empty(0, dtype=dtype).element_size()

@@ -154,7 +154,8 @@ def _shares(d, tp: int) -> Dict[str, Tuple[int, int]]:
     vocab = int(config.get("vocab_size") or 0)
     if not vocab:
         return {"kv": kv, "vocab": (1, tp)}
-    rows = -(-(-(-vocab // _VOCAB_PADDING) * _VOCAB_PADDING) // tp)
+    padded = -(-vocab // _VOCAB_PADDING) * _VOCAB_PADDING
+    rows = -(-padded // tp)  # each rank's block of the padded rows
     return {"kv": kv, "vocab": (min(vocab, rows), vocab)}
 
 
